@@ -1,0 +1,47 @@
+"""ament_python build of vpr_rerank_ros: `pip install .` or `colcon build` install the same files."""
+from glob import glob
+
+from setuptools import find_packages, setup
+
+PACKAGE = "vpr_rerank_ros"
+
+setup(
+    name=PACKAGE,
+    version="0.1.0",
+    packages=find_packages(include=[PACKAGE, f"{PACKAGE}.*"]),
+    data_files=[
+        ("share/ament_index/resource_index/packages", [f"resource/{PACKAGE}"]),
+        (f"share/{PACKAGE}", ["package.xml"]),
+        (f"share/{PACKAGE}/launch", glob("launch/*.launch.py")),
+        (f"share/{PACKAGE}/config", glob("config/*.yaml")),
+    ],
+    python_requires=">=3.10",
+    # rclpy and the ROS message packages come from the ROS 2 installation (or requirements-ros.txt),
+    # never from install_requires: PyPI has no package called rclpy.
+    install_requires=[
+        "setuptools",
+        "numpy>=1.24",
+        "scipy>=1.10",
+        "shapely>=2.0",
+        "pyproj>=3.4",
+        "torch>=2.1",
+        "opencv-python-headless>=4.8,<5",
+        "safetensors>=0.4",
+        "PyYAML>=6",
+        "tqdm>=4.60",
+        "rosbags>=0.9.20",
+    ],
+    # faiss is an extra so that a CUDA user's faiss-gpu is not shadowed by a second faiss module.
+    extras_require={"cpu": ["faiss-cpu>=1.7.4"], "gpu": ["faiss-gpu-cu12>=1.7.4"]},
+    zip_safe=True,
+    maintainer="vpr_rerank_ros maintainers",
+    maintainer_email="maintainers@vpr-rerank-ros.invalid",
+    description="Visual place recognition with GNN re-ranking and positional affinity, as a ROS 2 node.",
+    license="Apache-2.0",
+    tests_require=["pytest"],
+    entry_points={
+        "console_scripts": [
+            "vpr-map = vpr_rerank_ros.cli:map_main",
+        ],
+    },
+)

@@ -1,0 +1,26 @@
+"""Shared fixtures: where ../shared/data lives, and ROS isolation defaults for runs outside `make test`."""
+from __future__ import annotations
+
+import os
+import random
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+# `make test` sets these; a bare `pytest` in the venv gets the same isolation.
+os.environ.setdefault("AMENT_PREFIX_PATH", sys.prefix)
+os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
+os.environ.setdefault("ROS_HOME", str(REPO / ".ros_home"))
+os.environ.setdefault("ROS_DOMAIN_ID", str(random.randint(1, 101)))
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """../shared/data beside the checkout; tests that need it skip when it is absent."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real test data not found at {SHARED_DATA} (the shared/ folder beside the checkout)")
+    return SHARED_DATA
