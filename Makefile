@@ -17,7 +17,7 @@ export ROS_AUTOMATIC_DISCOVERY_RANGE := LOCALHOST
 export ROS_HOME := $(abspath .ros_home)
 export ROS_DOMAIN_ID ?= $(shell $(PYTHON) -c 'import random; print(random.randint(1, 101))')
 
-.PHONY: setup test demo bench clean
+.PHONY: setup test demo clean
 
 setup: $(PKG_STAMP)
 
@@ -34,12 +34,9 @@ $(PKG_STAMP): $(DEPS_STAMP) $(PKG_SOURCES)
 test: setup
 	$(BIN)/python -m pytest
 
+# Until the localizer node lands, the demo is the geometry/metrics benchmark on real MSLS positions.
 demo: setup
 	$(BIN)/python benchmarks/geometry.py
-
-bench: setup
-	$(BIN)/python benchmarks/geometry.py
-	$(BIN)/python benchmarks/metrics.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .ros_home .pytest_cache .hypothesis

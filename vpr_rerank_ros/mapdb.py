@@ -415,6 +415,8 @@ def _read_meta(root: Path) -> dict:
         raise MapError(f"{path}: a map needs at least one image, count is {meta['count']!r}")
     if not {"kind", "dim", "dtype"} <= set(meta["descriptor"]) or meta["descriptor"]["dtype"] not in NORM_TOLERANCE:
         raise MapError(f"{path}: descriptor needs kind, dim and dtype float32/float16, got {meta['descriptor']}")
+    if not isinstance(meta["index"], dict) or meta["index"].get("kind") not in ("flat", "ivfpq"):
+        raise MapError(f"{path}: index kind must be 'flat' or 'ivfpq', got {meta['index']}")
     return meta
 
 
