@@ -180,22 +180,19 @@ def corrupt(root, problem):
         (root / "map.json").unlink()
     elif problem == "bad_json":
         (root / "map.json").write_text("{not json")
-    elif problem == "version":
+    elif problem in META_EDITS:
         meta = json.loads((root / "map.json").read_text())
-        meta["version"] = 99
+        META_EDITS[problem](meta)
         (root / "map.json").write_text(json.dumps(meta))
-    elif problem == "wrong_dim":
-        meta = json.loads((root / "map.json").read_text())
-        meta["descriptor"]["dim"] = 128
-        (root / "map.json").write_text(json.dumps(meta))
-    elif problem == "count":
-        meta = json.loads((root / "map.json").read_text())
-        meta["count"] = 299
-        (root / "map.json").write_text(json.dumps(meta))
-    elif problem == "empty":
-        meta = json.loads((root / "map.json").read_text())
-        meta["count"] = 0
-        (root / "map.json").write_text(json.dumps(meta))
+
+
+META_EDITS = {
+    "version": lambda meta: meta.update(version=99),
+    "wrong_dim": lambda meta: meta["descriptor"].update(dim=128),
+    "count": lambda meta: meta.update(count=299),
+    "empty": lambda meta: meta.update(count=0),
+    "index_kind": lambda meta: meta["index"].update(kind="hnsw"),
+}
 
 
 @pytest.mark.parametrize("problem, match", [
@@ -208,6 +205,7 @@ def corrupt(root, problem):
     ("wrong_dim", r"descriptors\.npy: float32\[300, 64\], map\.json says float32\[300, 128\]"),
     ("count", r"images\.csv: 300 rows, map\.json says 299"),
     ("empty", "at least one image"),
+    ("index_kind", "index kind"),
 ])
 def test_load_names_the_broken_file(small_map, problem, match):
     bundle, _, _ = small_map

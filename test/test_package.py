@@ -47,13 +47,13 @@ def test_rclpy_pub_sub_over_dds():
 
     context = rclpy.Context()
     rclpy.init(context=context)
+    executor = SingleThreadedExecutor(context=context)
     try:
         talker = rclpy.create_node("talker", context=context)
         listener = rclpy.create_node("listener", context=context)
         received = []
         listener.create_subscription(NavSatFix, "fix", received.append, 10)
         pub = talker.create_publisher(NavSatFix, "fix", 10)
-        executor = SingleThreadedExecutor(context=context)
         executor.add_node(talker)
         executor.add_node(listener)
         msg = NavSatFix(latitude=55.7, longitude=13.19)

@@ -200,7 +200,8 @@ def fov_overlap(a, b, radius: float = FOV_RADIUS_M, fov_deg: float = FOV_ANGLE_D
     """Positional affinity: area(sector(a) ∩ sector(b)) / area(one sector), in [0, 1].
 
     `a`, `b`: (..., 3) array-likes or torch tensors of (easting m, northing m, heading deg) that broadcast;
-    the result has the broadcast shape (a tensor on the inputs' device for tensor inputs).
+    the result has the broadcast shape: a tensor on the inputs' device when the fast path gets a tensor,
+    a NumPy array otherwise.
     `exact=True` intersects shapely polygons (CPU, slow); the default integrates over `samples` rays
     cast from a's apex across its opening, which is vectorized, runs on CUDA tensors, and stays within
     0.01 of the exact value (see test/test_geo.py). Rays are cast from both apexes, so the result is symmetric.
