@@ -190,9 +190,7 @@ def _sector_rings(poses: np.ndarray, radius: float, fov_deg: float, arc_segments
 
 
 def _as_poses(x) -> np.ndarray | torch.Tensor:
-    if isinstance(x, torch.Tensor):
-        return x
-    return np.asarray(x, dtype=np.float64)
+    return x if isinstance(x, torch.Tensor) else np.asarray(x, dtype=np.float64)
 
 
 def fov_overlap(a, b, radius: float = FOV_RADIUS_M, fov_deg: float = FOV_ANGLE_DEG, exact: bool = False,
@@ -202,9 +200,9 @@ def fov_overlap(a, b, radius: float = FOV_RADIUS_M, fov_deg: float = FOV_ANGLE_D
     `a`, `b`: (..., 3) array-likes or torch tensors of (easting m, northing m, heading deg) that broadcast;
     the result has the broadcast shape: a tensor on the inputs' device when the fast path gets a tensor,
     a NumPy array otherwise.
-    `exact=True` intersects shapely polygons (CPU, slow); the default integrates over `samples` rays
-    cast from a's apex across its opening, which is vectorized, runs on CUDA tensors, and stays within
-    0.01 of the exact value (see test/test_geo.py). Rays are cast from both apexes, so the result is symmetric.
+    `exact=True` intersects shapely polygons (CPU, slow). The default integrates along `samples` rays
+    cast across each sector's opening from its apex and averages both directions, so it is symmetric;
+    it is vectorized, runs on CUDA tensors and stays within 0.01 of the exact value (test/test_geo.py).
     """
     _check_fov(radius, fov_deg)
     a, b = _as_poses(a), _as_poses(b)
@@ -215,16 +213,16 @@ def fov_overlap(a, b, radius: float = FOV_RADIUS_M, fov_deg: float = FOV_ANGLE_D
         a = a.detach().cpu().double().numpy() if isinstance(a, torch.Tensor) else a
         b = b.detach().cpu().double().numpy() if isinstance(b, torch.Tensor) else b
         return _fov_overlap_exact(a, b, radius, fov_deg)
-    as_numpy = not isinstance(a, torch.Tensor) and not isinstance(b, torch.Tensor)
-    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.device != b.device:
+    tensors = [x for x in (a, b) if isinstance(x, torch.Tensor)]
+    if not tensors:
+        return _fov_overlap_rays(torch.from_numpy(a), torch.from_numpy(b), radius, fov_deg, samples).numpy()
+    if len({t.device for t in tensors}) > 1:
         raise ValueError(f"poses are on different devices: {a.device} and {b.device}")
-    device = a.device if isinstance(a, torch.Tensor) else b.device if isinstance(b, torch.Tensor) else "cpu"
-    dtype = a.dtype if isinstance(a, torch.Tensor) and a.is_floating_point() else torch.float64
-    dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    ta = torch.as_tensor(a, dtype=dtype, device=device)
-    tb = torch.as_tensor(b, dtype=dtype, device=device)
-    out = _fov_overlap_rays(ta, tb, radius, fov_deg, samples)
-    return out.cpu().numpy() if as_numpy else out
+    # float64 unless every input is a lower-precision tensor (UTM coordinates need float64).
+    low = len(tensors) == 2 and all(t.dtype in (torch.float32, torch.float16, torch.bfloat16) for t in tensors)
+    dtype, device = (torch.float32 if low else torch.float64), tensors[0].device
+    return _fov_overlap_rays(torch.as_tensor(a, dtype=dtype, device=device),
+                             torch.as_tensor(b, dtype=dtype, device=device), radius, fov_deg, samples)
 
 
 def _fov_overlap_exact(a: np.ndarray, b: np.ndarray, radius: float, fov_deg: float) -> np.ndarray:
