@@ -42,6 +42,7 @@ setup(
     entry_points={
         "console_scripts": [
             "vpr-map = vpr_rerank_ros.cli:map_main",
+            "vpr-synth = vpr_rerank_ros.cli:synth_main",
         ],
     },
 )

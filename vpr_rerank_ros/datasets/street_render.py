@@ -106,18 +106,17 @@ class StreetRenderer:
         has_wall = np.isfinite(hit_t)
         top = np.where(has_wall, self.town.facade_height[np.where(has_wall, hit_facade, 0)], -1.0)
         wall = (z >= 0) & (z <= top[None, :])
-        ground = (self._rows > horizon) & ~wall
         depth = np.full((h, w), np.inf, np.float32)
         image = self._sky(condition, ray_angle, horizon)
 
         light = _LIGHT[condition.time] * (0.8 if condition.weather in ("overcast", "rain", "fog") else 1.0)
-        if ground.any():
-            gd = cam_h * self.focal / np.maximum(self._rows - horizon, 1e-6)              # (H, 1) perp distance
-            gd = np.broadcast_to(gd / cos_col[None, :], (h, w))[ground]
-            cols = np.broadcast_to(np.arange(w), (h, w))[ground]
-            lateral = gd * np.sin(self.column_angles[cols])
-            image[ground] = self._ground(cam, rays[cols], gd, lateral, condition, light)
-            depth[ground] = gd
+        below = max(0, math.floor(horizon - 0.5) + 1)           # first pixel row whose centre is below the horizon
+        if below < h:  # the ground everywhere below the horizon; walls are drawn over it
+            ground_perp = cam_h * self.focal / (self._rows[below:] - horizon)           # (n, 1)
+            distance = ground_perp / cos_col[None, :].astype(np.float32)                # (n, W)
+            lateral = distance * np.sin(self.column_angles).astype(np.float32)[None, :]
+            image[below:] = self._ground(cam, rays, distance, lateral, condition, light)
+            depth[below:] = distance
         if wall.any():
             image = np.where(wall[..., None], self._facade(hit_facade, hit_s, z, condition, light), image)
             depth = np.where(wall, hit_t[None, :].astype(np.float32), depth)
@@ -175,17 +174,24 @@ class StreetRenderer:
         return image
 
     def _ground(self, cam, rays, dist, lateral, cond: Condition, light: float) -> np.ndarray:
-        """Floor casting: each ground pixel's world point looks up the town's ground raster."""
+        """Floor casting: the world point of each pixel (row, column) of a band below the horizon, `dist`
+        metres along its column's ray, looks up the town's ground raster. Returns (n, W, 3)."""
         town, res = self.town, self.town.config.ground_resolution_m
-        p = cam + rays * dist[:, None]
+        x = (cam[0] - town.ground_origin[0]) / res + dist * (rays[:, 0] / res).astype(np.float32)[None, :]
+        y = (town.ground_origin[1] - cam[1]) / res - dist * (rays[:, 1] / res).astype(np.float32)[None, :]
         rows, cols = town.ground.shape
-        col = np.clip(((p[:, 0] - town.ground_origin[0]) / res).astype(np.int64), 0, cols - 1)
-        row = np.clip(((town.ground_origin[1] - p[:, 1]) / res).astype(np.int64), 0, rows - 1)
-        out = self._ground_palette(cond)[town.ground.ravel()[row * cols + col]]
-        lit = np.full(len(p), light, np.float32)
-        if cond.night:  # headlights: a bright cone on the road ahead
-            lit += 1.3 * np.exp(-dist / 20.0) * np.exp(-(lateral / (1.2 + 0.2 * dist)) ** 2)
-        return out * lit[:, None]
+        index = np.clip(y.astype(np.int32), 0, rows - 1) * cols + np.clip(x.astype(np.int32), 0, cols - 1)
+        out = np.take(self._ground_palette(cond), np.take(town.ground.ravel(), index), axis=0)
+        if not cond.night:
+            return out * np.float32(light)
+        # Headlights: a bright cone on the road ahead.
+        lit = light + 1.3 * np.exp(-dist / 20.0) * np.exp(-(lateral / (1.2 + 0.2 * dist)) ** 2)
+        return out * lit[..., None]
+
+    def _noise_at(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """The tiling noise texture at (a, b) in texels (nearest, wrapped)."""
+        index = ((a.astype(np.int32) & 255) << 8) | (b.astype(np.int32) & 255)
+        return np.take(self._noise.ravel(), index)
 
     def _ground_palette(self, cond: Condition) -> np.ndarray:
         """Colour of every ground code (class * 256 + shade) under a condition, (4 * 256, 3)."""
@@ -238,21 +244,25 @@ class StreetRenderer:
         display = shop & ground_floor & (v > 0.45) & (v < gf - 1.35) & ((u % 4.0) > 0.45) & (np.abs(centre) > 1.0)
         cls[display] = _DISPLAY
         sign = shop & (v > gf - 1.2) & (v < gf - 0.35) & (np.abs(centre) < S.sign_w[st][None, :] / 2)
-        letters = self._noise[(v * 3.0).astype(np.int64) & 255, (u * 3.0).astype(np.int64) & 255] > 0.6
         cls[sign] = _SIGN
-        cls[sign & letters] = _LETTERS
+        rows, cols = np.nonzero(sign)
+        letters = self._noise_at(v[rows, cols] * 3.0, u[0, cols] * 3.0) > 0.6
+        cls[rows[letters], cols[letters]] = _LETTERS
         cls[shop & S.awning[st][None, :] & (v > gf - 1.35) & (v <= gf - 1.2)] = _AWNING
         cls[~shop & ground_floor & (np.abs(centre) < 0.65) & (v < 2.3)] = _DOOR
 
         table = self._facade_palette(st, cond)                          # (W, classes, 3)
         index = cls + (np.arange(len(facade)) * table.shape[1])[None, :]
         colour = np.take(table.reshape(-1, 3), index, axis=0)           # (H, W, 3)
-        grain = self._noise[(v * 5).astype(np.int64) & 255, (u * 5).astype(np.int64) & 255]
-        shade = (light * self._facade_sunlight[facade] if cond.time == "day"
-                 else np.full(len(facade), light))[None, :] * (1.0 + 0.05 * grain)
-        shade = np.where(glass & ~lit, shade * (0.8 + 0.1 * (window_id % 5)), shade)
-        glows = (cls == _LIT_WINDOW) | ((cls == _DISPLAY) & (cond.time != "day"))
-        return colour * np.where(glows, 1.0, shade).astype(np.float32)[..., None]
+        lighting = light * self._facade_sunlight[facade] if cond.time == "day" else np.full(len(facade), light)
+        shade = lighting.astype(np.float32)[None, :] * (1.0 + 0.05 * self._noise_at(v * 5.0, u * 5.0))
+        unlit_glass = glass & ~lit
+        shade[unlit_glass] *= 0.8 + 0.1 * (window_id[unlit_glass] % 5)   # each pane reflects differently
+        shade[cls == _LIT_WINDOW] = 1.0
+        if cond.time != "day":
+            shade[cls == _DISPLAY] = 1.0
+        colour *= shade[..., None]
+        return colour
 
     def _facade_palette(self, st: np.ndarray, cond: Condition) -> np.ndarray:
         """Per-column base colour of each facade class, (W, classes, 3)."""

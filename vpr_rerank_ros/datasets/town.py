@@ -136,6 +136,13 @@ def generate_town(config: TownConfig, seed: int) -> Town:
             ring = np.asarray(inset.exterior.coords)[:-1]
             for a, b in zip(ring, np.roll(ring, -1, axis=0)):
                 _split_frontages(rng, config, a, b, p0s, p1s, heights, style_ids)
+    # An outer ring of buildings across the perimeter streets, so the town does not end in a void.
+    # Walked clockwise, the streets lie on the right of the ring, as for the blocks' facades.
+    perimeter = np.concatenate([grid[:, 0], grid[-1, 1:], grid[-2::-1, -1], grid[0, -2:0:-1]])
+    outer = orient(shapely.Polygon(perimeter).buffer(config.street_half_width_m, join_style="mitre"), sign=-1.0)
+    ring = np.asarray(outer.exterior.coords)[:-1]
+    for a, b in zip(ring, np.roll(ring, -1, axis=0)):
+        _split_frontages(rng, config, a, b, p0s, p1s, heights, style_ids)
     objects.extend(_street_furniture(rng, config, nodes, edges))
     kinds = np.array([o[0] for o in objects], dtype=np.int64)
     town = Town(
