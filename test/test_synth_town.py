@@ -108,6 +108,24 @@ def test_database_drives_cover_every_street_both_ways():
     assert all(len(r) - 1 <= 4 for r in routes)
 
 
+def test_cameras_drive_in_the_right_hand_lane(tiny_town):
+    _, plans = tiny_town
+    plan = plans[0]
+    a, b = plan.town.nodes[plan.town.edges[:, 0]], plan.town.nodes[plan.town.edges[:, 1]]
+    for shot in plan.database + plan.query:
+        p = np.array([shot.x, shot.y])
+        t = np.clip(((p - a) * (b - a)).sum(1) / ((b - a) ** 2).sum(1), 0, 1)
+        nearest = int(np.argmin(np.hypot(*(a + (b - a) * t[:, None] - p).T)))
+        along = b[nearest] - a[nearest]
+        yaw = np.radians(90 - shot.heading)
+        if abs(np.dot(along / np.linalg.norm(along), [np.cos(yaw), np.sin(yaw)])) < 0.9:
+            continue  # turning at an intersection
+        direction = np.sign(np.dot(along, [np.cos(yaw), np.sin(yaw)]))
+        d, r = direction * along / np.linalg.norm(along), p - a[nearest]
+        offset = d[0] * r[1] - d[1] * r[0]
+        assert -3.0 < offset < -0.9, (shot.key, offset)   # negative cross product: right of travel
+
+
 def test_town_has_repeated_facades():
     town = generate_town(TownConfig(), 0)
     counts = np.bincount(town.facade_style, minlength=TownConfig().n_styles)

@@ -64,7 +64,7 @@ def synth_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--query-sequences", type=int, default=12, help="query drives per city (default 12)")
     parser.add_argument("--query-frames", type=int, default=30, help="frames per query drive (default 30)")
     parser.add_argument("--workers", type=int, default=1, help="rendering processes (default 1)")
-    parser.add_argument("--contact-sheet", help="also write a PNG of query/database pairs of the first city")
+    parser.add_argument("--contact-sheet", help="write a PNG of query/database pairs of the first city")
     bag = parser.add_argument_group("query-drive bag")
     bag.add_argument("--bag", help="write a ROS 2 bag directory of a query drive through --bag-city")
     bag.add_argument("--bag-city", type=int, default=0, help="index of the city to drive (default 0)")
@@ -75,8 +75,8 @@ def synth_main(argv: list[str] | None = None) -> int:
     bag.add_argument("--gps-noise", type=float, default=3.0, help="GPS noise in metres (default 3)")
     bag.add_argument("--gps-rate", type=float, default=1.0, help="GPS rate in Hz (default 1)")
     args = parser.parse_args(argv)
-    if not (args.out or args.bag):
-        parser.error("give --out, --bag or both")
+    if not (args.out or args.bag or args.contact_sheet):
+        parser.error("give at least one of --out, --bag and --contact-sheet")
     try:
         config = SynthConfig(town=TownConfig(blocks_x=args.blocks[0], blocks_y=args.blocks[1]),
                              width=args.size[0], height=args.size[1], frame_spacing_m=args.spacing,

@@ -171,19 +171,18 @@ def _random_route(town: Town, rng: np.random.Generator, min_length_m: float) -> 
 
 def route_poses(town: Town, route: list[int], spacing_m: float, lane_offset_m: float,
                 start_m: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
-    """Positions every `spacing_m` along a node path, in the right-hand lane, and headings from the
-    direction of travel (smoothed over ±3 m, so turns are gradual). Returns ((N, 2), (N,) degrees)."""
+    """Positions every `spacing_m` along a node path, `lane_offset_m` right of the centreline, and headings
+    from the direction of travel (smoothed over ±3 m, so turns are gradual). Returns ((N, 2), (N,) degrees)."""
     centre = shapely.LineString(town.nodes[route])
-    lane = centre.offset_curve(-lane_offset_m, join_style="round")
-    if not isinstance(lane, shapely.LineString) or lane.is_empty:
-        lane = centre
-    distances = np.arange(start_m, lane.length, spacing_m)
-    points = shapely.get_coordinates(shapely.line_interpolate_point(lane, distances))
-    ahead = shapely.get_coordinates(shapely.line_interpolate_point(lane, np.minimum(distances + 3.0, lane.length)))
-    behind = shapely.get_coordinates(shapely.line_interpolate_point(lane, np.maximum(distances - 3.0, 0.0)))
-    d = ahead - behind
-    heading = (90.0 - np.degrees(np.arctan2(d[:, 1], d[:, 0]))) % 360.0
-    return points, heading
+    distances = np.arange(start_m, centre.length, spacing_m)
+    points = shapely.get_coordinates(shapely.line_interpolate_point(centre, distances))
+    ahead = shapely.get_coordinates(shapely.line_interpolate_point(centre, np.minimum(distances + 3.0, centre.length)))
+    behind = shapely.get_coordinates(shapely.line_interpolate_point(centre, np.maximum(distances - 3.0, 0.0)))
+    tangent = ahead - behind
+    tangent /= np.linalg.norm(tangent, axis=1, keepdims=True)
+    right = np.stack([tangent[:, 1], -tangent[:, 0]], axis=1)
+    heading = (90.0 - np.degrees(np.arctan2(tangent[:, 1], tangent[:, 0]))) % 360.0
+    return points + lane_offset_m * right, heading
 
 
 def _shots(config: SynthConfig, town: Town, route, rng, condition: Condition, city: str, side: str,
