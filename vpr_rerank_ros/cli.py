@@ -5,20 +5,43 @@ import argparse
 import json
 import sys
 
-from .mapdb import MapBundle, MapError
+from .mapdb import FILES, MapBundle, MapError
 
 
 def map_main(argv: list[str] | None = None) -> int:
-    """`vpr-map info MAP` prints what a map holds; `vpr-map verify MAP` checks every file and checksum."""
-    parser = argparse.ArgumentParser(prog="vpr-map", description="Inspect map bundles.")
+    """`vpr-map build|query|info|verify`: build maps from geotagged images, query them, inspect them."""
+    parser = argparse.ArgumentParser(prog="vpr-map", description="Build, query and inspect map bundles.")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, text in (("info", "print what a map holds"), ("verify", "check files, shapes and checksums")):
         p = sub.add_parser(name, help=text)
         p.add_argument("map", help="map directory")
+    build = sub.add_parser("build", help="describe geotagged images and write a map")
+    build.add_argument("--out", required=True, help="map directory to write")
+    source = build.add_mutually_exclusive_group(required=True)
+    source.add_argument("--images", help="folder of photos with EXIF GPS (sorted by name = order of capture)")
+    source.add_argument("--msls", help="MSLS root; the database side of --cities is used")
+    source.add_argument("--csv", help="CSV with path, lat, lon, heading (or path, easting, northing, zone, heading)")
+    build.add_argument("--cities", help="with --msls: comma-separated cities, or train/val")
+    build.add_argument("--headings", help="with --images: CSV of name, heading overriding EXIF/travel headings")
+    build.add_argument("--overwrite", action="store_true", help="replace an existing map")
+    _model_options(build, "descriptor weights (.mat, pytorch-NetVlad .pth.tar, .safetensors); "
+                          "default: fit the offline EfficientNet-Lite0 NetVLAD on these images")
+    build.add_argument("--index", choices=("flat", "ivfpq"), default="flat", help="faiss index (default flat)")
+    build.add_argument("--dtype", choices=("float32", "float16"), default="float32", help="stored descriptor type")
+    query = sub.add_parser("query", help="retrieve the top-k map images for a folder of query images")
+    query.add_argument("map", help="map directory")
+    query.add_argument("--images", required=True, help="folder of query images")
+    query.add_argument("--top-k", type=int, default=10, help="matches per query (default 10)")
+    query.add_argument("--out", required=True, help="CSV to write")
+    _model_options(query, "descriptor weights; default: the model stored in the map")
     args = parser.parse_args(argv)
     try:
+        if args.command == "build":
+            return _map_build(args)
+        if args.command == "query":
+            return _map_query(args)
         bundle = MapBundle.load(args.map, verify=args.command == "verify", use_gpu=False)
-    except (MapError, OSError) as exc:
+    except (MapError, OSError, ValueError) as exc:
         print(f"vpr-map: {exc}", file=sys.stderr)
         return 1
     if args.command == "verify":
@@ -35,9 +58,91 @@ def map_main(argv: list[str] | None = None) -> int:
         "index": meta["index"],
         "fov": meta["fov"],
         "overlap_pairs": meta["overlap_pairs"],
+        "attachments": sorted(set(meta["files"]) - set(FILES)),
         "bytes": sum(f["bytes"] for f in meta["files"].values()),
     }
     print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _model_options(parser: argparse.ArgumentParser, weights_help: str) -> None:
+    parser.add_argument("--model", help=weights_help)
+    parser.add_argument("--device", default="auto", help="cuda, cpu or auto (default)")
+    parser.add_argument("--batch-size", type=int, default=8, help="images per batch (default 8)")
+    parser.add_argument("--workers", type=int, default=0, help="image loading processes (default 0)")
+
+
+def _map_build(args) -> int:
+    from .datasets import geotagged
+    from .datasets.msls import resolve_cities
+    from .descriptors.loaders import load_model
+    from .mapbuild import build_map
+    from .mapdb import IndexConfig
+
+    if args.images:
+        images = geotagged.from_folder(args.images, args.headings)
+    elif args.csv:
+        images = geotagged.from_csv(args.csv)
+    else:
+        images = geotagged.from_msls(args.msls, resolve_cities(args.msls, args.cities))
+    model = load_model(args.model) if args.model else None
+    if model is None:
+        print("vpr-map: fitting the offline EfficientNet-Lite0 NetVLAD on the map images "
+              "(ImageNet features, not trained for place recognition)", file=sys.stderr)
+    report = build_map(args.out, images, model, device=args.device, batch_size=args.batch_size,
+                       workers=args.workers, index=IndexConfig(kind=args.index), dtype=args.dtype,
+                       overwrite=args.overwrite, progress=True)
+    for key, reason in report.skipped.items():
+        print(f"skipped {key}: {reason}", file=sys.stderr)
+    print(f"{args.out}: {len(report.bundle)} images, {report.bundle.dim}-D {report.model.config.name} descriptors, "
+          f"UTM {report.bundle.table.zone}, {report.bundle.meta['overlap_pairs']} overlapping pairs")
+    return 0
+
+
+def _map_query(args) -> int:
+    import csv
+    from pathlib import Path
+
+    from .datasets.geotagged import IMAGE_SUFFIXES
+    from .mapbuild import map_model, query_images
+
+    bundle = MapBundle.load(args.map)
+    model = map_model(bundle, args.model)
+    folder = Path(args.images)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: no such folder")
+    items = [(p.stem, str(p)) for p in sorted(folder.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES]
+    if not items:
+        raise ValueError(f"{folder}: no .jpg/.jpeg/.png images")
+    rows = query_images(bundle, model, items, args.top_k, args.device, args.batch_size, args.workers)
+    columns = ("query", "rank", "key", "score", "easting", "northing", "query_easting", "query_northing")
+    with open(args.out, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows({k: ("" if v is None else v) for k, v in row.items()} for row in rows)
+    print(f"{args.out}: {len(rows)} rows for {len({r['query'] for r in rows})} queries")
+    return 0
+
+
+def weights_main(argv: list[str] | None = None) -> int:
+    """`vpr-weights convert IN OUT` turns .mat / pytorch-NetVlad weights into safetensors + JSON; `info` describes weights."""
+    from .descriptors.loaders import convert, load_model
+
+    parser = argparse.ArgumentParser(prog="vpr-weights", description="Convert and inspect descriptor weights.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    conv = sub.add_parser("convert", help="write weights in the project's safetensors + JSON format")
+    conv.add_argument("source", help=".mat (hloc MatConvNet struct), .pth/.pth.tar (pytorch-NetVlad) or .safetensors")
+    conv.add_argument("target", help="output .safetensors (a .json config is written beside it)")
+    info = sub.add_parser("info", help="print a model's configuration and identity")
+    info.add_argument("weights")
+    args = parser.parse_args(argv)
+    try:
+        model = convert(args.source, args.target) if args.command == "convert" else load_model(args.weights)
+    except (OSError, ValueError) as exc:
+        print(f"vpr-weights: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps({**json.loads(model.config.to_json()), "output_dim": model.output_dim,
+                      "identity": model.identity}, indent=2, sort_keys=True))
     return 0
 
 

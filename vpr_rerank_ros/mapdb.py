@@ -69,7 +69,7 @@ class MapTable:
     keys: np.ndarray            # (N,) str, unique
     easting: np.ndarray         # (N,) metres
     northing: np.ndarray        # (N,) metres
-    heading: np.ndarray         # (N,) degrees clockwise from north
+    heading: np.ndarray         # (N,) degrees clockwise from UTM grid north (compass - meridian convergence)
     zone: UtmZone
     lat: np.ndarray | None = None      # (N,) degrees; derived from UTM when not given
     lon: np.ndarray | None = None
@@ -104,6 +104,12 @@ class MapTable:
 
     def __len__(self) -> int:
         return len(self.keys)
+
+    def take(self, indices) -> "MapTable":
+        """The rows at `indices` (an index array or boolean mask), as a new table."""
+        return MapTable(keys=self.keys[indices], easting=self.easting[indices], northing=self.northing[indices],
+                        heading=self.heading[indices], zone=self.zone, lat=self.lat[indices], lon=self.lon[indices],
+                        captured_at=self.captured_at[indices], path=self.path[indices])
 
     @property
     def poses(self) -> np.ndarray:
@@ -151,12 +157,19 @@ class MapBundle:
     @classmethod
     def build(cls, out: str | Path, table: MapTable, descriptors: np.ndarray, descriptor: dict,
               index: IndexConfig = IndexConfig(), fov_radius: float = FOV_RADIUS_M,
-              fov_deg: float = FOV_ANGLE_DEG, dtype: str = "float32", overwrite: bool = False) -> "MapBundle":
+              fov_deg: float = FOV_ANGLE_DEG, dtype: str = "float32", overwrite: bool = False,
+              attachments: dict[str, Path] | None = None) -> "MapBundle":
         """Write a map directory atomically (temporary directory, then rename) and load it.
 
         `descriptor` describes the model that made the descriptors: at least {'kind': str}; anything
-        else (e.g. the model's checksum) is stored so that a query model can be checked against it.
+        else (e.g. the model's identity) is stored so that a query model can be checked against it.
+        `attachments` ({name: source file}) are copied in and checksummed like the map's own files
+        (e.g. the map-specific descriptor model).
         """
+        attachments = dict(attachments or {})
+        clash = set(attachments) & set(FILES + ("map.json",))
+        if clash or any("/" in name or name.startswith(".") for name in attachments):
+            raise ValueError(f"attachment names must be plain file names other than the map's own: {sorted(attachments)}")
         out = Path(out)
         if out.exists() and not overwrite:
             raise FileExistsError(f"{out} already exists (pass overwrite=True to replace it)")
@@ -184,6 +197,8 @@ class MapBundle:
             np.save(tmp / "descriptors.npy", stored)
             _faiss().write_index(faiss_index, str(tmp / "index.faiss"))
             graph.save(tmp / "overlap.npz")
+            for name, source in attachments.items():
+                shutil.copyfile(source, tmp / name)
             meta = {
                 "format": FORMAT_NAME,
                 "version": FORMAT_VERSION,
@@ -194,7 +209,7 @@ class MapBundle:
                 "fov": {"radius_m": float(fov_radius), "angle_deg": float(fov_deg)},
                 "overlap_pairs": int((graph.matrix.nnz - n) // 2),
                 "files": {name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
-                          for name in FILES},
+                          for name in (*FILES, *attachments)},
             }
             (tmp / "map.json").write_text(json.dumps(meta, indent=2) + "\n")
             _replace_dir(tmp, out)
@@ -214,7 +229,7 @@ class MapBundle:
         root = Path(root)
         meta = _read_meta(root)
         files = meta["files"]
-        for name in FILES:
+        for name in (*FILES, *(f for f in files if f not in FILES)):
             path = root / name
             if name not in files:
                 raise MapError(f"{root / 'map.json'}: no entry for {name}")
@@ -264,6 +279,10 @@ class MapBundle:
                    use_gpu=gpu)
 
     # ------------------------------------------------------------------ retrieval
+
+    def attachment(self, name: str) -> Path | None:
+        """Path of an attached file (checked on load), or None when the map has none of that name."""
+        return self.root / name if name in self.meta["files"] and name not in FILES else None
 
     @property
     def dim(self) -> int:

@@ -1,0 +1,209 @@
+"""Sources of geotagged map images: a folder of photos with EXIF GPS, a CSV of paths and poses, or the
+database side of MSLS cities. Each returns the images as (key, path) items and a `MapTable` of their poses.
+
+Headings given by users and datasets (EXIF GPSImgDirection, MSLS `ca`, CSV `heading`) are compass headings
+from true north; the map holds UTM grid headings, so they are converted (grid = compass - convergence).
+Headings from the direction of travel are measured in the grid already."""
+from __future__ import annotations
+
+import csv
+import logging
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from ..geo import UtmZone, latlon_to_utm, meridian_convergence_deg, utm_to_latlon
+from ..mapdb import MapTable
+from .msls import load_side
+
+log = logging.getLogger(__name__)
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+
+
+@dataclass
+class ImageSet:
+    """Map images with poses, and the files that were left out (with the reason)."""
+
+    items: list                    # (key, path)
+    table: MapTable
+    skipped: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ExifGps:
+    lat: float
+    lon: float
+    altitude: float | None
+    direction: float | None        # GPSImgDirection, degrees
+    captured_at: float | None      # Unix seconds from DateTimeOriginal (taken as UTC when no offset is given)
+
+
+def read_exif_gps(path: str | Path) -> ExifGps | None:
+    """GPS position (and direction, time) from a photo's EXIF, or None when it has no position."""
+    from PIL import ExifTags, Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            exif = image.getexif()
+    except (OSError, UnidentifiedImageError):
+        return None
+    gps = exif.get_ifd(ExifTags.IFD.GPSInfo)
+    tags = {ExifTags.GPSTAGS.get(k, k): v for k, v in gps.items()}
+    if "GPSLatitude" not in tags or "GPSLongitude" not in tags:
+        return None
+    try:
+        lat = _dms(tags["GPSLatitude"]) * (-1 if str(tags.get("GPSLatitudeRef", "N")).upper().startswith("S") else 1)
+        lon = _dms(tags["GPSLongitude"]) * (-1 if str(tags.get("GPSLongitudeRef", "E")).upper().startswith("W") else 1)
+    except (TypeError, ValueError, ZeroDivisionError):
+        return None
+    altitude = float(tags["GPSAltitude"]) if "GPSAltitude" in tags else None
+    direction = float(tags["GPSImgDirection"]) % 360.0 if "GPSImgDirection" in tags else None
+    original = exif.get_ifd(ExifTags.IFD.Exif).get(ExifTags.Base.DateTimeOriginal) or exif.get(ExifTags.Base.DateTime)
+    captured = None
+    if original:
+        try:
+            captured = datetime.strptime(str(original), "%Y:%m:%d %H:%M:%S").replace(tzinfo=timezone.utc).timestamp()
+        except ValueError:
+            captured = None
+    if not (np.isfinite(lat) and np.isfinite(lon)) or abs(lat) > 90 or abs(lon) > 180:
+        return None
+    return ExifGps(lat, lon, altitude, direction, captured)
+
+
+def _dms(value) -> float:
+    degrees, minutes, seconds = (float(v) for v in value)
+    return degrees + minutes / 60.0 + seconds / 3600.0
+
+
+def travel_headings(easting: np.ndarray, northing: np.ndarray) -> np.ndarray:
+    """Compass headings from the direction of travel along an ordered sequence of positions (central
+    differences; repeated positions take the nearest distinct neighbour's direction)."""
+    n = len(easting)
+    if n < 2:
+        raise ValueError("a heading from the direction of travel needs at least two positions")
+    xy = np.stack([easting, northing], axis=1)
+    ahead = np.vstack([xy[1:], xy[-1:]])
+    behind = np.vstack([xy[:1], xy[:-1]])
+    d = ahead - behind
+    moved = np.hypot(d[:, 0], d[:, 1]) > 1e-6
+    if not moved.any():
+        raise ValueError("all positions are identical: no direction of travel")
+    index = np.arange(n)
+    nearest = np.flatnonzero(moved)[np.abs(index[:, None] - np.flatnonzero(moved)[None, :]).argmin(axis=1)]
+    d = d[nearest]
+    return (90.0 - np.degrees(np.arctan2(d[:, 1], d[:, 0]))) % 360.0
+
+
+def from_folder(folder: str | Path, heading_csv: str | Path | None = None) -> ImageSet:
+    """Photos in a folder (sorted by name = order of capture) with EXIF GPS. Headings: `heading_csv`
+    (name, compass heading) overrides, else EXIF GPSImgDirection, else the direction of travel."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: no such folder")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise ValueError(f"{folder}: no .jpg/.jpeg/.png images")
+    found, skipped = [], {}
+    for path in files:
+        gps = read_exif_gps(path)
+        if gps is None:
+            skipped[path.stem] = "no EXIF GPS position (or not a readable image)"
+            log.warning("skipping %s: no EXIF GPS position", path)
+        else:
+            found.append((path, gps))
+    if len(found) < 1:
+        raise ValueError(f"{folder}: none of the {len(files)} images has an EXIF GPS position")
+    lat = np.array([g.lat for _, g in found])
+    lon = np.array([g.lon for _, g in found])
+    easting, northing, zone = latlon_to_utm(lat, lon)
+    convergence = meridian_convergence_deg(lat, lon, zone)
+    compass = np.array([np.nan if g.direction is None else g.direction for _, g in found])
+    if heading_csv is not None:
+        overrides = _read_heading_overrides(heading_csv)
+        compass = np.array([overrides.get(p.name, overrides.get(p.stem, h)) for (p, _), h in zip(found, compass)])
+    direction = compass - convergence
+    if np.isnan(direction).any():
+        travel = travel_headings(easting, northing) if len(found) > 1 else np.zeros(1)
+        direction = np.where(np.isnan(direction), travel, direction)
+    keys = [p.stem for p, _ in found]
+    captured = np.array([np.nan if g.captured_at is None else g.captured_at for _, g in found])
+    table = MapTable(keys=keys, easting=easting, northing=northing, heading=direction, zone=zone, lat=lat, lon=lon,
+                     captured_at=captured, path=[str(p.resolve()) for p, _ in found])
+    return ImageSet(items=list(zip(keys, [str(p) for p, _ in found])), table=table, skipped=skipped)
+
+
+def _read_heading_overrides(path: str | Path) -> dict[str, float]:
+    rows = _csv_rows(path, ("heading",))
+    name_column = "name" if "name" in rows[0] else "path" if "path" in rows[0] else None
+    if name_column is None:
+        raise ValueError(f"{path}: a heading CSV needs a 'name' (or 'path') column and a 'heading' column")
+    return {Path(r[name_column]).name: float(r["heading"]) for r in rows} | {
+        Path(r[name_column]).stem: float(r["heading"]) for r in rows}
+
+
+def from_csv(path: str | Path) -> ImageSet:
+    """A CSV with `path, lat, lon, heading` or `path, easting, northing, zone, heading` (zone like '33N'),
+    optional `key` (default: file name without suffix) and `captured_at`; relative paths are relative to the CSV."""
+    path = Path(path)
+    rows = _csv_rows(path, ("path", "heading"))
+    header = rows[0].keys()
+    base = path.parent
+    paths = [str((base / r["path"]) if not Path(r["path"]).is_absolute() else Path(r["path"])) for r in rows]
+    keys = [r.get("key") or Path(r["path"]).stem for r in rows]
+    try:
+        heading = np.array([float(r["heading"]) for r in rows])
+        captured = np.array([float(r["captured_at"]) if r.get("captured_at") else np.nan for r in rows])
+        if {"lat", "lon"} <= set(header):
+            lat = np.array([float(r["lat"]) for r in rows])
+            lon = np.array([float(r["lon"]) for r in rows])
+            easting, northing, zone = latlon_to_utm(lat, lon)
+        elif {"easting", "northing", "zone"} <= set(header):
+            zones = {r["zone"].strip().upper() for r in rows}
+            if len(zones) != 1:
+                raise ValueError(f"all rows must share one UTM zone, found {sorted(zones)}")
+            zone = UtmZone.parse(zones.pop())
+            easting = np.array([float(r["easting"]) for r in rows])
+            northing = np.array([float(r["northing"]) for r in rows])
+            lat, lon = utm_to_latlon(easting, northing, zone)
+        else:
+            raise ValueError("needs lat and lon columns, or easting, northing and zone columns")
+        grid = heading - meridian_convergence_deg(lat, lon, zone)
+        table = MapTable(keys=keys, easting=easting, northing=northing, heading=grid, zone=zone, lat=lat, lon=lon,
+                         captured_at=captured, path=paths)
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from exc
+    return ImageSet(items=list(zip(keys, paths)), table=table)
+
+
+def from_msls(root: str | Path, cities: Sequence[str]) -> ImageSet:
+    """The database side of one or more MSLS cities (panoramas excluded), in one UTM zone."""
+    sides = [load_side(root, city, "database") for city in cities]
+    lat = np.concatenate([s.lat for s in sides])
+    lon = np.concatenate([s.lon for s in sides])
+    if not (np.isfinite(lat).all() and np.isfinite(lon).all()):
+        raise ValueError("MSLS test-split cities have no positions and cannot make a map")
+    easting, northing, zone = latlon_to_utm(lat, lon)
+    keys = [k for s in sides for k in s.keys]
+    paths = [str(p) for s in sides for p in s.image_paths()]
+    compass = np.concatenate([s.heading for s in sides])
+    table = MapTable(keys=keys, easting=easting, northing=northing,
+                     heading=compass - meridian_convergence_deg(lat, lon, zone), zone=zone, lat=lat, lon=lon, captured_at=np.concatenate([s.captured_at for s in sides]) / 1000.0,
+                     path=paths)
+    return ImageSet(items=list(zip(keys, paths)), table=table)
+
+
+def _csv_rows(path: str | Path, required: Sequence[str]) -> list[dict]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        raise ValueError(f"{path}: no rows")
+    missing = [c for c in required if c not in rows[0]]
+    if missing:
+        raise ValueError(f"{path}: missing column(s) {', '.join(missing)}")
+    return rows
