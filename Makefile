@@ -34,9 +34,9 @@ $(PKG_STAMP): $(DEPS_STAMP) $(PKG_SOURCES)
 test: setup
 	$(BIN)/python -m pytest
 
-# Until the localizer node lands, the demo is the geometry/metrics benchmark on real MSLS positions.
+# The offline pipeline end to end on a seeded synthetic town (the ROS 2 node joins it in a later issue).
 demo: setup
-	$(BIN)/python benchmarks/geometry.py
+	$(BIN)/vpr-demo --out demo_output
 
 clean:
 	rm -rf $(VENV) build *.egg-info .ros_home .pytest_cache .hypothesis

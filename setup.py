@@ -47,6 +47,7 @@ setup(
             "vpr-map = vpr_rerank_ros.cli:map_main",
             "vpr-synth = vpr_rerank_ros.cli:synth_main",
             "vpr-weights = vpr_rerank_ros.cli:weights_main",
+            "vpr-demo = vpr_rerank_ros.demo:main",
         ],
     },
 )

@@ -12,12 +12,11 @@ from vpr_rerank_ros.datasets import geotagged
 from vpr_rerank_ros.datasets.msls import load_city, positives
 from vpr_rerank_ros.datasets.synth_town import SynthConfig, generate
 from vpr_rerank_ros.datasets.town import TownConfig
-from vpr_rerank_ros.descriptors.extract import DescriptorExtractor
 from vpr_rerank_ros.descriptors.model import save_model
 from vpr_rerank_ros.geo import latlon_to_utm, meridian_convergence_deg
 from vpr_rerank_ros.mapbuild import build_map, map_model
 from vpr_rerank_ros.mapdb import MapBundle
-from vpr_rerank_ros.metrics import retrieval_metrics
+from vpr_rerank_ros.evaluation import evaluate_queries
 
 from test_descriptors import small_model
 
@@ -106,16 +105,14 @@ def test_offline_default_retrieves_the_synthetic_town(synthetic_map):
     assert bundle.attachment("model.safetensors") is not None and bundle.meta["descriptor"]["stored_model"]
     query, database = load_city(root / "msls", "synth0")
     assert len(bundle) == len(database)
-    model = map_model(bundle)
-    extraction = DescriptorExtractor(model).describe_files(list(zip(query.keys, map(str, query.image_paths()))))
-    result = bundle.search(extraction.descriptors, 10)
-    row = {k: i for i, k in enumerate(bundle.table.keys)}
-    order = {k: i for i, k in enumerate(query.keys)}
-    pos = positives(query.select(np.array([order[k] for k in extraction.keys])), database, 25.0)
-    pos = [[row[database.keys[j]] for j in p] for p in pos]
-    metrics = retrieval_metrics(result.ids, pos, ks=(1, 5, 10))
-    assert metrics["queries"] == 32
-    assert metrics["recall@1"] > 0.6 and metrics["recall@10"] > 0.85   # a clear majority at rank 1
+    run = evaluate_queries(bundle, map_model(bundle), query, k=10)
+    assert run.metrics["queries"] == 32 and run.descriptors.shape == (32, bundle.dim)
+    # Positives from the map agree with the dataset's own positives.
+    assert [len(p) for p in run.positives] == [len(p) for p in positives(run.query, database, 25.0)]
+    assert run.metrics["recall@1"] > 0.6 and run.metrics["recall@10"] > 0.85   # a clear majority at rank 1
+    hinted = evaluate_queries(bundle, None, run.query, k=10, hint_noise_m=5.0, hint_radius=50.0,
+                              descriptors=run.descriptors)
+    assert hinted.result.restricted.all() and hinted.metrics["recall@1"] >= run.metrics["recall@1"]
 
 
 def test_a_map_refuses_another_model(synthetic_map, tmp_path):
@@ -171,3 +168,26 @@ def test_lund_even_frames_map_finds_odd_frames(shared_data, tmp_path):
     errors = [np.hypot(float(r["easting"]) - float(r["query_easting"]), float(r["northing"]) - float(r["query_northing"]))
               for r in rows]
     assert np.mean(np.array(errors) <= 25.0) >= 0.9
+
+
+def test_build_with_external_weights_records_identity_only(synthetic_map, tmp_path, capsys):
+    root, _ = synthetic_map
+    weights = tmp_path / "tiny.safetensors"
+    save_model(small_model(), weights)
+    out = tmp_path / "map"
+    assert map_main(["build", "--out", str(out), "--msls", str(root / "msls"), "--cities", "synth0",
+                     "--model", str(weights), "--dtype", "float16"]) == 0
+    bundle = MapBundle.load(out)
+    assert bundle.attachment("model.safetensors") is None and not bundle.meta["descriptor"]["stored_model"]
+    assert bundle.meta["descriptor"]["identity"] == small_model().identity and bundle.descriptors.dtype == np.float16
+    queries = tmp_path / "q"
+    queries.mkdir()
+    query, _ = load_city(root / "msls", "synth0")
+    Image.open(query.image_path(0)).save(queries / "q.jpg")
+    results = tmp_path / "r.csv"
+    assert map_main(["query", str(out), "--images", str(queries), "--out", str(results)]) == 1
+    assert "stores no descriptor model" in capsys.readouterr().err
+    assert map_main(["query", str(out), "--images", str(queries), "--out", str(results), "--model", str(weights)]) == 0
+    assert map_main(["build", "--out", str(out), "--msls", str(root / "msls"), "--cities", "synth0",
+                     "--model", str(weights)]) == 1                      # exists: needs --overwrite
+    assert "already exists" in capsys.readouterr().err
