@@ -1,7 +1,5 @@
 """NetVLAD descriptors: the layer's invariants, the three weight formats against reference forwards written
 here from the format descriptions, extraction (batching, failures, resumable store) and the offline default."""
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +13,7 @@ from vpr_rerank_ros.descriptors.backbones import EfficientNetLite0, imagenet_lit
 from vpr_rerank_ros.descriptors.extract import DescriptorExtractor, DescriptorStore
 from vpr_rerank_ros.descriptors.loaders import load_matconvnet, load_model, load_pytorch_netvlad
 from vpr_rerank_ros.descriptors.model import (IMAGENET_MEAN, IMAGENET_STD, DescriptorConfig, GlobalDescriptor,
-                                              NetVLAD, load_native, save_model)
+                                              NetVLAD, load_native)
 
 VGG_CONVS = [(3, 64), (64, 64), "M", (64, 128), (128, 128), "M", (128, 256), (256, 256), (256, 256), "M",
              (256, 512), (512, 512), (512, 512), "M", (512, 512), (512, 512), (512, 512)]

@@ -9,8 +9,7 @@ import pytest
 from vpr_rerank_ros.cli import synth_main
 from vpr_rerank_ros.datasets.msls import load_city, positives
 from vpr_rerank_ros.datasets.street_render import Condition, StreetRenderer
-from vpr_rerank_ros.datasets.synth_town import (SynthConfig, _covering_routes, contact_sheet, generate, plan_city,
-                                                render_shot)
+from vpr_rerank_ros.datasets.synth_town import (SynthConfig, _covering_routes, contact_sheet, generate, plan_city)
 from vpr_rerank_ros.datasets.town import TownConfig, generate_town
 from vpr_rerank_ros.geo import meridian_convergence_deg
 from vpr_rerank_ros.images import decode_compressed, encode_jpeg, read_rgb

@@ -6,7 +6,6 @@ from true north; the map holds UTM grid headings, so they are converted (grid = 
 Headings from the direction of travel are measured in the grid already."""
 from __future__ import annotations
 
-import csv
 import logging
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -17,7 +16,7 @@ import numpy as np
 
 from ..geo import UtmZone, latlon_to_utm, meridian_convergence_deg, utm_to_latlon
 from ..mapdb import MapTable
-from .msls import load_side
+from .msls import load_side, read_columns
 
 log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -136,37 +135,39 @@ def from_folder(folder: str | Path, heading_csv: str | Path | None = None) -> Im
 
 
 def _read_heading_overrides(path: str | Path) -> dict[str, float]:
-    rows = _csv_rows(path, ("heading",))
-    name_column = "name" if "name" in rows[0] else "path" if "path" in rows[0] else None
-    if name_column is None:
+    table = read_columns(path, ("heading",))
+    names = table.get("name", table.get("path"))
+    if names is None:
         raise ValueError(f"{path}: a heading CSV needs a 'name' (or 'path') column and a 'heading' column")
-    return {Path(r[name_column]).name: float(r["heading"]) for r in rows} | {
-        Path(r[name_column]).stem: float(r["heading"]) for r in rows}
+    headings = table["heading"].astype(float)
+    return {Path(n).name: h for n, h in zip(names, headings)} | {Path(n).stem: h for n, h in zip(names, headings)}
 
 
 def from_csv(path: str | Path) -> ImageSet:
     """A CSV with `path, lat, lon, heading` or `path, easting, northing, zone, heading` (zone like '33N'),
     optional `key` (default: file name without suffix) and `captured_at`; relative paths are relative to the CSV."""
     path = Path(path)
-    rows = _csv_rows(path, ("path", "heading"))
-    header = rows[0].keys()
-    base = path.parent
-    paths = [str((base / r["path"]) if not Path(r["path"]).is_absolute() else Path(r["path"])) for r in rows]
-    keys = [r.get("key") or Path(r["path"]).stem for r in rows]
+    table = read_columns(path, ("path", "heading"))
+    if len(table["path"]) == 0:
+        raise ValueError(f"{path}: no rows")
+    paths = [str(p if Path(p).is_absolute() else path.parent / p) for p in table["path"]]
+    keys = list(table["key"]) if "key" in table else [Path(p).stem for p in table["path"]]
+
+    def numbers(column: str) -> np.ndarray:
+        return np.array([float(v) if v != "" else np.nan for v in table[column]])
+
     try:
-        heading = np.array([float(r["heading"]) for r in rows])
-        captured = np.array([float(r["captured_at"]) if r.get("captured_at") else np.nan for r in rows])
-        if {"lat", "lon"} <= set(header):
-            lat = np.array([float(r["lat"]) for r in rows])
-            lon = np.array([float(r["lon"]) for r in rows])
+        heading = numbers("heading")
+        captured = numbers("captured_at") if "captured_at" in table else None
+        if {"lat", "lon"} <= set(table):
+            lat, lon = numbers("lat"), numbers("lon")
             easting, northing, zone = latlon_to_utm(lat, lon)
-        elif {"easting", "northing", "zone"} <= set(header):
-            zones = {r["zone"].strip().upper() for r in rows}
+        elif {"easting", "northing", "zone"} <= set(table):
+            zones = set(np.char.upper(np.char.strip(table["zone"])))
             if len(zones) != 1:
                 raise ValueError(f"all rows must share one UTM zone, found {sorted(zones)}")
             zone = UtmZone.parse(zones.pop())
-            easting = np.array([float(r["easting"]) for r in rows])
-            northing = np.array([float(r["northing"]) for r in rows])
+            easting, northing = numbers("easting"), numbers("northing")
             lat, lon = utm_to_latlon(easting, northing, zone)
         else:
             raise ValueError("needs lat and lon columns, or easting, northing and zone columns")
@@ -193,17 +194,3 @@ def from_msls(root: str | Path, cities: Sequence[str]) -> ImageSet:
                      heading=compass - meridian_convergence_deg(lat, lon, zone), zone=zone, lat=lat, lon=lon, captured_at=np.concatenate([s.captured_at for s in sides]) / 1000.0,
                      path=paths)
     return ImageSet(items=list(zip(keys, paths)), table=table)
-
-
-def _csv_rows(path: str | Path, required: Sequence[str]) -> list[dict]:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    if not rows:
-        raise ValueError(f"{path}: no rows")
-    missing = [c for c in required if c not in rows[0]]
-    if missing:
-        raise ValueError(f"{path}: missing column(s) {', '.join(missing)}")
-    return rows

@@ -114,8 +114,8 @@ def load_side(root: str | Path, city: str, side: str, subtask: str = "all", excl
     directory = Path(root) / split_of(city) / city / side
     if not directory.is_dir():
         raise MslsError(f"{directory}: no such directory (city {city!r}, side {side!r})")
-    seq = _read_table(directory / "seq_info.csv", SEQ_COLUMNS)
-    sub = _read_table(directory / "subtask_index.csv", ("all",))
+    seq = read_columns(directory / "seq_info.csv", SEQ_COLUMNS)
+    sub = read_columns(directory / "subtask_index.csv", ("all",))
     keys = seq["key"]
     if len(keys) == 0:
         raise MslsError(f"{directory / 'seq_info.csv'}: city {city!r} has no {side} images")
@@ -125,8 +125,8 @@ def load_side(root: str | Path, city: str, side: str, subtask: str = "all", excl
     values = dict(easting=nan, northing=nan, lat=nan, lon=nan, heading=nan, captured_at=nan,
                   pano=np.zeros(n, bool), night=np.zeros(n, bool), view_direction=np.full(n, "", dtype=object))
     if split_of(city) == "train_val":
-        raw = _read_table(directory / "raw.csv", RAW_COLUMNS)
-        post = _read_table(directory / "postprocessed.csv", POSTPROCESSED_COLUMNS)
+        raw = read_columns(directory / "raw.csv", RAW_COLUMNS)
+        post = read_columns(directory / "postprocessed.csv", POSTPROCESSED_COLUMNS)
         _same_keys(directory / "raw.csv", raw, keys)
         _same_keys(directory / "postprocessed.csv", post, keys)
         values.update(
@@ -213,7 +213,9 @@ def read_predictions(path: str | Path) -> dict[str, list[str]]:
 # --------------------------------------------------------------------------- CSV helpers
 
 
-def _read_table(path: Path, required: Iterable[str]) -> dict[str, np.ndarray]:
+def read_columns(path: str | Path, required: Iterable[str]) -> dict[str, np.ndarray]:
+    """A CSV as {column name: string array}; the unnamed index column is dropped. Errors name the file."""
+    path = Path(path)
     if not path.is_file():
         raise MslsError(f"{path}: missing")
     with open(path, newline="") as f:
