@@ -1,0 +1,127 @@
+"""The thesis GNN and its ablations: architecture (parameter counts), positional and heading affinities,
+checkpoints, batching, dtypes."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vpr_rerank_ros.geo import fov_overlap
+from vpr_rerank_ros.rerank.base import build_reranker
+from vpr_rerank_ros.rerank.learned import count_summary, load_reranker, parameter_count, save_reranker
+
+
+@pytest.mark.parametrize("layers, millions", [(1, 9.38), (2, 16.46), (3, 23.55)])
+def test_parameter_counts_match_the_thesis(layers, millions):
+    model = build_reranker("gnn", layers=layers)               # D = 4096, L = 127, positional affinity
+    assert parameter_count(model) == pytest.approx(millions * 1e6, rel=2e-3)
+    assert parameter_count(model.fc1) == 4096 * 512 + 512     # 2.10 M
+    assert model.fc2.in_features == 255
+    assert count_summary(model).startswith(f"{millions:.2f} M")
+    assert build_reranker("gnn", positional=False).fc2.in_features == 128
+
+
+def small(name="gnn", **params):
+    torch.manual_seed(0)
+    defaults = dict(dim=32, hidden=16, K=12, L=5, width=24, heads=4, mlp=48, layers=2, dropout=0.0)
+    if name == "fc":
+        defaults = dict(dim=32, hidden=16)
+    return build_reranker(name, **{**defaults, **params})
+
+
+def inputs(b=3, k=12, d=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = F.normalize(torch.randn(b, d, generator=g), dim=1)
+    c = F.normalize(torch.randn(b, k, d, generator=g), dim=2)
+    poses = torch.cat([torch.rand(b, k, 2, generator=g, dtype=torch.float64) * 80 + 386000,
+                       torch.rand(b, k, 1, generator=g, dtype=torch.float64) * 360], dim=2)
+    return q, c, poses
+
+
+def test_node_features_are_visual_then_positional_affinities():
+    model = small()
+    q, c, poses = inputs()
+    feats = model.node_features(q, c, poses, None, None)
+    assert feats.shape == (3, 13, 6 + 5)
+    nodes = model.embed(torch.cat([q[:, None], c], 1))
+    assert torch.allclose(feats[..., :6], nodes @ nodes[:, :6].transpose(1, 2), atol=1e-6)
+    assert torch.allclose(feats[:, 0, 6:], torch.zeros(3, 5))                   # the query's position is unknown
+    expected = fov_overlap(poses[:, :, None], poses[:, None, :5]).float()
+    assert torch.allclose(feats[:, 1:, 6:], expected, atol=1e-6)
+    assert torch.allclose(torch.diagonal(feats[:, 1:6, 6:], dim1=1, dim2=2), torch.ones(3, 5), atol=1e-6)
+    # The map's precomputed overlaps give the same features.
+    overlaps = fov_overlap(poses[:, :, None], poses[:, None, :]).float()
+    assert torch.allclose(model.node_features(q, c, None, overlaps, None), feats, atol=1e-6)
+    with pytest.raises(ValueError, match="poses or their overlaps"):
+        model(q, c)
+    with pytest.raises(ValueError, match="at least L = 5"):
+        model(q, c[:, :4], poses[:, :4])
+
+
+def test_scores_are_cosines_of_refined_nodes_and_batching_is_exact():
+    model = small()
+    q, c, poses = inputs()
+    scores = model(q, c, poses)
+    refined = model.refine(q, c, poses)
+    assert torch.allclose(scores, torch.einsum("bd,bkd->bk", refined[:, 0], refined[:, 1:]), atol=1e-6)
+    assert torch.allclose(refined.norm(dim=-1), torch.ones(3, 13), atol=1e-5)
+    for b in range(3):
+        assert torch.allclose(model(q[b:b + 1], c[b:b + 1], poses[b:b + 1])[0], scores[b], atol=1e-5)
+    # The positional affinity matters: moving the candidates changes the scores.
+    moved = poses.clone()
+    moved[..., 2] = (moved[..., 2] + 90) % 360
+    assert not torch.allclose(model(q, c, moved), scores, atol=1e-4)
+
+
+def test_heading_affinity():
+    model = small(heading=True)
+    q, c, poses = inputs()
+    heading = torch.tensor([poses[0, 0, 2].item(), float("nan"), 0.0])
+    feats = model.node_features(q, c, poses, None, heading)
+    assert feats.shape[-1] == 6 + 5 + 1
+    assert feats[0, 1, -1].item() == pytest.approx(1.0) and feats[0, 0, -1].item() == pytest.approx(1.0)
+    assert torch.allclose(feats[1, :, -1], torch.full((13,), 0.5))                # unknown query heading
+    opposite = (1 + torch.cos(torch.deg2rad(0.0 - poses[2, :, 2]))) / 2
+    assert torch.allclose(feats[2, 1:, -1], opposite.float(), atol=1e-6)
+
+
+def test_fc_and_csa_variants():
+    q, c, _ = inputs()
+    fc = small("fc")
+    assert torch.allclose(fc(q, c), torch.einsum("bd,bkd->bk", fc.embed(q), fc.embed(c)), atol=1e-6)
+    csa = small("csa", positional=False, dim=32)
+    assert csa.fc1 is None and csa.head[-1].out_features == 6
+    assert csa(q, c).shape == (3, 12)
+
+
+def test_checkpoints_round_trip_and_refuse_mismatches(tmp_path):
+    model = small()
+    path = save_reranker(model, tmp_path / "gnn.safetensors")
+    loaded = load_reranker(path)
+    q, c, poses = inputs()
+    assert loaded.trained and not model.trained
+    assert torch.equal(loaded(q, c, poses), model(q, c, poses))
+    assert torch.equal(build_reranker("gnn", weights=path, layers=2)(q, c, poses), model(q, c, poses))
+    with pytest.raises(ValueError, match="layers requested 3, stored 2"):
+        build_reranker("gnn", weights=path, layers=3)
+    with pytest.raises(ValueError, match="variant requested 'fc', stored 'gnn'"):
+        build_reranker("fc", weights=path)
+    path.with_suffix(".json").unlink()
+    with pytest.raises(FileNotFoundError, match="JSON config"):
+        load_reranker(path)
+
+
+@pytest.mark.parametrize("name", ["gnn", "fc", "csa"])
+def test_float16(name):
+    model = small(name, **({} if name == "fc" else {"positional": name == "gnn"}))
+    q, c, poses = inputs()
+    full = model(q, c, poses)
+    half = model.half()(q.half(), c.half(), poses)
+    assert half.dtype == torch.float16 and torch.allclose(half.float(), full, atol=3e-2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+def test_cuda_equals_cpu():
+    model = small()
+    q, c, poses = inputs()
+    cpu = model(q, c, poses)
+    gpu = model.cuda()(q.cuda(), c.cuda(), poses.cuda())
+    assert torch.allclose(cpu, gpu.cpu(), atol=1e-4)

@@ -1,0 +1,79 @@
+"""Training-free re-rankers that refine descriptors: none, average query expansion, alpha-weighted query
+expansion (thesis eq. 2.3, 2.4) and SuperGlobal re-ranking (eq. 2.5-2.7, as the official code does it)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .base import Reranker, cosine, register
+
+
+def _check_positive(name: str, value, minimum=1):
+    if not value >= minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+@register("none")
+class NoRerank(Reranker):
+    """The initial similarities (the retrieval order, up to exact ties)."""
+
+    def score(self, query, candidates, poses, overlaps, query_heading):
+        return torch.einsum("bd,bkd->bk", query, candidates)
+
+
+@register("aqe")
+class AverageQueryExpansion(Reranker):
+    """New query = mean of the query and its top-k candidates; candidates re-scored against it."""
+
+    def __init__(self, k: int = 1) -> None:
+        super().__init__()
+        _check_positive("k", k)
+        self.k = int(k)
+
+    def score(self, query, candidates, poses, overlaps, query_heading):
+        expanded = (query + candidates[:, :self.k].sum(1)) / (1 + min(self.k, candidates.shape[1]))
+        return torch.einsum("bd,bkd->bk", F.normalize(expanded, dim=1), candidates)
+
+
+@register("alpha_qe")
+class AlphaQueryExpansion(Reranker):
+    """New query = query + top-k candidates weighted by similarity^alpha (negative similarities count 0)."""
+
+    def __init__(self, k: int = 1, alpha: float = 1.0) -> None:
+        super().__init__()
+        _check_positive("k", k)
+        _check_positive("alpha", alpha, 0)
+        self.k, self.alpha = int(k), float(alpha)
+
+    def score(self, query, candidates, poses, overlaps, query_heading):
+        top = candidates[:, :self.k]
+        weights = torch.einsum("bd,bkd->bk", query, top).clamp_min(0) ** self.alpha
+        expanded = query + torch.einsum("bk,bkd->bd", weights, top)
+        return torch.einsum("bd,bkd->bk", F.normalize(expanded, dim=1), candidates)
+
+
+@register("superglobal")
+class SuperGlobal(Reranker):
+    """SuperGlobal re-ranking (Shao et al. 2023) among the candidates: each candidate becomes the weighted mean
+    of itself (weight 1) and its P nearest candidates (weight beta x similarity); the refined query is the
+    element-wise max of the P + 1 best refined candidates; score = mean of s(q, c~) and s(q~, c~)."""
+
+    def __init__(self, P: int = 1, beta: float = 0.15) -> None:
+        super().__init__()
+        _check_positive("P", P)
+        _check_positive("beta", beta, 0)
+        self.P, self.beta = int(P), float(beta)
+
+    def score(self, query, candidates, poses, overlaps, query_heading):
+        n = min(self.P + 1, candidates.shape[1])
+        sim = cosine(candidates, candidates)                                  # (B, K, K)
+        values, index = sim.topk(n, dim=2)                                    # self first
+        weights = torch.cat([torch.ones_like(values[..., :1]), self.beta * values[..., 1:]], dim=2)
+        neighbours = torch.gather(candidates.unsqueeze(1).expand(-1, candidates.shape[1], -1, -1), 2,
+                                  index.unsqueeze(-1).expand(-1, -1, -1, candidates.shape[2]))  # (B, K, n, D)
+        refined = (neighbours * weights.unsqueeze(-1)).sum(2) / weights.sum(2, keepdim=True)
+        first = torch.einsum("bd,bkd->bk", query, refined)                    # s(q, c~_i)
+        best = first.topk(n, dim=1).indices
+        refined_query = torch.gather(refined, 1, best.unsqueeze(-1).expand(-1, -1, refined.shape[2])).amax(1)
+        second = torch.einsum("bd,bkd->bk", refined_query, refined)           # s(q~, c~_i)
+        return (first + second) / 2

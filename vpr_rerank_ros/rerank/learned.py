@@ -1,0 +1,215 @@
+"""Learned re-rankers (thesis chapter 3, method.md §4): the GNN over affinity features [gnn], the FC-only
+model [fc] and the CSA ablation [csa]; weights as safetensors + JSON config.
+
+GNN: FC1 (D -> 512) + L2; node i's features are its visual affinities to the anchors r_0..r_L (query and
+top-L candidates, on FC1 outputs) and, with `positional`, its field-of-view overlaps with the map anchors
+r_1..r_L (zeros for the query); FC2 -> 768; `layers` x [12-head self-attention M, x <- x + MLP(x + M)];
+L2; candidates are scored by cosine similarity to the refined query node. With `heading`, each node also
+gets the angular affinity (1 + cos Δ) / 2 between the query's compass heading and its own (the thesis's
+suggested extension; 0.5 when the query heading is unknown).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..geo import FOV_ANGLE_DEG, FOV_RADIUS_M, fov_overlap
+from .base import Reranker, cosine, register
+
+VARIANTS = ("gnn", "fc", "csa")
+
+
+@dataclass(frozen=True)
+class GnnConfig:
+    variant: str = "gnn"
+    dim: int = 4096            # input descriptor dimension
+    hidden: int = 512          # FC1 output (gnn, fc)
+    K: int = 319               # candidates the model was trained for
+    L: int = 127               # anchors besides the query
+    width: int = 768
+    heads: int = 12
+    layers: int = 1
+    mlp: int = 3072
+    positional: bool = True
+    heading: bool = False
+    dropout: float = 0.2
+    fov_radius: float = FOV_RADIUS_M
+    fov_deg: float = FOV_ANGLE_DEG
+
+    def __post_init__(self) -> None:
+        if self.variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
+        if min(self.dim, self.hidden, self.K, self.L, self.width, self.heads, self.layers, self.mlp) < 1:
+            raise ValueError("dim, hidden, K, L, width, heads, layers and mlp must be positive")
+        if self.L > self.K:
+            raise ValueError(f"L ({self.L}) cannot exceed K ({self.K})")
+        if self.width % self.heads:
+            raise ValueError(f"width {self.width} must be divisible by heads {self.heads}")
+
+    @property
+    def node_features(self) -> int:
+        return (self.L + 1) + (self.L if self.positional else 0) + (1 if self.heading else 0)
+
+
+class GnnLayer(nn.Module):
+    """M = MultiHead(X, X, X); x <- x + MLP(x + M) (thesis eq. 3.5)."""
+
+    def __init__(self, width: int, heads: int, mlp: int, dropout: float) -> None:
+        super().__init__()
+        self.attention = nn.MultiheadAttention(width, heads, dropout=dropout, batch_first=True)
+        self.mlp = nn.Sequential(nn.Linear(width, mlp), nn.GELU(), nn.Linear(mlp, width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        message = self.attention(x, x, x, need_weights=False)[0]
+        return x + self.mlp(x + message)
+
+
+class LearnedReranker(Reranker):
+    """The thesis model and its ablations; `weights` loads a checkpoint whose config must match the params."""
+
+    learned = True
+
+    def __init__(self, weights: str | Path | None = None, **params) -> None:
+        super().__init__()
+        params.setdefault("variant", self.variant)
+        if weights is not None:
+            stored = load_reranker_config(weights)
+            clash = {k: (v, getattr(stored, k)) for k, v in params.items() if getattr(stored, k) != v}
+            if clash:
+                raise ValueError(f"{weights}: checkpoint config does not match the requested model: " +
+                                 ", ".join(f"{k} requested {a!r}, stored {b!r}" for k, (a, b) in clash.items()))
+            config = stored
+        else:
+            config = GnnConfig(**params)
+        self.config = config
+        c = config
+        self.fc1 = nn.Linear(c.dim, c.hidden) if c.variant != "csa" else None
+        if c.variant != "fc":
+            self.input_dropout = nn.Dropout(c.dropout)
+            self.fc2 = nn.Linear(c.node_features, c.width)
+            self.layers = nn.ModuleList(GnnLayer(c.width, c.heads, c.mlp, c.dropout) for _ in range(c.layers))
+        if c.variant == "csa":  # maps refined descriptors back to affinity space, for the CSA loss's MSE term
+            self.head = nn.Sequential(nn.Linear(c.width, c.width), nn.GELU(), nn.Linear(c.width, c.L + 1))
+        self.trained = weights is not None
+        if weights is not None:
+            tensors = load_file(str(weights))
+            missing, unexpected = self.load_state_dict(tensors, strict=False)
+            if missing or unexpected:
+                raise ValueError(f"{weights}: weights do not fit {c.variant}: missing {missing[:5]}, "
+                                 f"unexpected {unexpected[:5]}")
+        self.eval()
+
+    def embed(self, descriptors: torch.Tensor) -> torch.Tensor:
+        """FC1 + L2 (identity + L2 for csa)."""
+        return F.normalize(self.fc1(descriptors) if self.fc1 is not None else descriptors, dim=-1)
+
+    def node_features(self, query, candidates, poses, overlaps, query_heading) -> torch.Tensor:
+        """(B, K+1, node_features) affinity features of the query (row 0) and the candidates."""
+        c = self.config
+        if candidates.shape[1] < c.L:
+            raise ValueError(f"the {c.variant} model needs at least L = {c.L} candidates, got {candidates.shape[1]}")
+        nodes = self.embed(torch.cat([query.unsqueeze(1), candidates], dim=1))
+        parts = [cosine(nodes, nodes[:, :c.L + 1])]                                    # visual affinity
+        if c.positional:
+            if overlaps is None and poses is None:
+                raise ValueError("positional affinity needs the candidates' poses or their overlaps")
+            if overlaps is not None:
+                pos = overlaps[:, :, :c.L].to(nodes.dtype)
+            else:
+                pos = fov_overlap(poses[:, :, None, :].double(), poses[:, None, :c.L, :].double(),
+                                  c.fov_radius, c.fov_deg).to(nodes.dtype)
+            parts.append(torch.cat([torch.zeros_like(pos[:, :1]), pos], dim=1))         # the query has none
+        if c.heading:
+            parts.append(self._heading_affinity(query_heading, poses, nodes))
+        return torch.cat(parts, dim=2)
+
+    def _heading_affinity(self, query_heading, poses, nodes) -> torch.Tensor:
+        b, n = nodes.shape[:2]
+        if query_heading is None or poses is None:
+            return torch.full((b, n, 1), 0.5, dtype=nodes.dtype, device=nodes.device)
+        heading = query_heading.to(torch.float64).reshape(b, 1)
+        delta = torch.deg2rad(heading - poses[:, :, 2].double())
+        affinity = torch.where(torch.isnan(delta), torch.full_like(delta, 0.5), (1 + torch.cos(delta)) / 2)
+        known = torch.where(torch.isnan(heading), torch.full_like(heading, 0.5), torch.ones_like(heading))
+        return torch.cat([known, affinity], dim=1).unsqueeze(-1).to(nodes.dtype)
+
+    def refine(self, query, candidates, poses=None, overlaps=None, query_heading=None) -> torch.Tensor:
+        """(B, K+1, width) L2-normalised refined node descriptors (row 0 = query)."""
+        x = self.fc2(self.input_dropout(self.node_features(query, candidates, poses, overlaps, query_heading)))
+        for layer in self.layers:
+            x = layer(x)
+        return F.normalize(x, dim=-1)
+
+    def score(self, query, candidates, poses, overlaps, query_heading):
+        if self.config.variant == "fc":
+            q, c = self.embed(query), self.embed(candidates)
+            return torch.einsum("bd,bkd->bk", q, c)
+        refined = self.refine(query, candidates, poses, overlaps, query_heading)
+        return torch.einsum("bd,bkd->bk", refined[:, 0], refined[:, 1:])
+
+
+@register("gnn")
+class GnnReranker(LearnedReranker):
+    variant = "gnn"
+
+
+@register("fc")
+class FcReranker(LearnedReranker):
+    variant = "fc"
+
+
+@register("csa")
+class CsaReranker(LearnedReranker):
+    variant = "csa"
+
+
+def save_reranker(model: LearnedReranker, path: str | Path) -> Path:
+    """Write `<stem>.safetensors` (weights) and `<stem>.json` (config)."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"re-ranker weights end in .safetensors, got {path.name}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(path))
+    config = {"format": "vpr_rerank_ros.reranker", "version": 1, **asdict(model.config)}
+    path.with_suffix(".json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def load_reranker_config(path: str | Path) -> GnnConfig:
+    path = Path(path)
+    config_path = path.with_suffix(".json")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such re-ranker weights file")
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{config_path}: the JSON config beside {path.name} is missing")
+    data = json.loads(config_path.read_text())
+    if data.pop("format", None) != "vpr_rerank_ros.reranker" or data.pop("version", None) != 1:
+        raise ValueError(f"{config_path}: not a vpr_rerank_ros re-ranker config")
+    unknown = set(data) - {f.name for f in fields(GnnConfig)}
+    if unknown:
+        raise ValueError(f"{config_path}: unknown keys {sorted(unknown)}")
+    return GnnConfig(**data)
+
+
+def load_reranker(path: str | Path) -> LearnedReranker:
+    """A learned re-ranker from its checkpoint, whatever its variant."""
+    from .base import REGISTRY
+
+    return REGISTRY[load_reranker_config(path).variant](weights=path)
+
+
+def parameter_count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def count_summary(model: LearnedReranker) -> str:
+    """'9.38 M parameters (FC1 2.10 M)'."""
+    total = parameter_count(model) - (parameter_count(model.head) if hasattr(model, "head") else 0)
+    fc1 = parameter_count(model.fc1) if model.fc1 is not None else 0
+    return f"{total / 1e6:.2f} M parameters (FC1 {fc1 / 1e6:.2f} M)"
