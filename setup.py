@@ -48,6 +48,7 @@ setup(
             "vpr-synth = vpr_rerank_ros.cli:synth_main",
             "vpr-weights = vpr_rerank_ros.cli:weights_main",
             "vpr-demo = vpr_rerank_ros.demo:main",
+            "vpr-eval = vpr_rerank_ros.cli:eval_main",
         ],
     },
 )

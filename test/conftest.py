@@ -24,3 +24,19 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real test data not found at {SHARED_DATA} (the shared/ folder beside the checkout)")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def synthetic_map(tmp_path_factory):
+    """A small synthetic town (2x2 blocks, 320x240) and a map of its database side with the offline default."""
+    from vpr_rerank_ros.datasets import geotagged
+    from vpr_rerank_ros.datasets.synth_town import SynthConfig, generate
+    from vpr_rerank_ros.datasets.town import TownConfig
+    from vpr_rerank_ros.mapbuild import build_map
+
+    root = tmp_path_factory.mktemp("town")
+    config = SynthConfig(town=TownConfig(blocks_x=2, blocks_y=2), width=320, height=240, frame_spacing_m=6.0,
+                         query_sequences=4, query_frames=8)
+    generate(root / "msls", cities=1, seed=11, config=config)
+    report = build_map(root / "map", geotagged.from_msls(root / "msls", ["synth0"]))
+    return root, report

@@ -87,17 +87,6 @@ def test_csv_sources(tmp_path):
         geotagged.from_csv(tmp_path / "e.csv")
 
 
-@pytest.fixture(scope="module")
-def synthetic_map(tmp_path_factory):
-    root = tmp_path_factory.mktemp("town")
-    config = SynthConfig(town=TownConfig(blocks_x=2, blocks_y=2), width=320, height=240, frame_spacing_m=6.0,
-                         query_sequences=4, query_frames=8)
-    generate(root / "msls", cities=1, seed=11, config=config)
-    images = geotagged.from_msls(root / "msls", ["synth0"])
-    report = build_map(root / "map", images)
-    return root, report
-
-
 @pytest.mark.slow
 def test_offline_default_retrieves_the_synthetic_town(synthetic_map):
     root, report = synthetic_map

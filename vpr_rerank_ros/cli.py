@@ -206,3 +206,108 @@ def synth_main(argv: list[str] | None = None) -> int:
         print(f"vpr-synth: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def _reranker_spec(text: str) -> tuple[str, dict]:
+    """'superglobal:P=1,beta=0.6' -> ('superglobal', {'P': 1, 'beta': 0.6}); values parsed as YAML scalars."""
+    import yaml
+
+    name, _, rest = text.partition(":")
+    params = {}
+    for item in filter(None, rest.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise argparse.ArgumentTypeError(f"re-ranker parameter {item!r} is not key=value (in {text!r})")
+        params[key.strip()] = yaml.safe_load(value)
+    return name.strip(), params
+
+
+THESIS_GRID = {  # method.md §6: the thesis's parameter searches
+    "aqe": [{"k": k} for k in range(1, 6)],
+    "alpha_qe": [{"k": k, "alpha": a} for k in range(1, 6) for a in (1.0, 1.5, 2.0, 2.5, 3.0)],
+    "superglobal": [{"P": p, "beta": b} for p in (1, 2, 3, 4) for b in (0.15, 0.3, 0.6)],
+}
+
+
+def eval_main(argv: list[str] | None = None) -> int:
+    """`vpr-eval`: re-rankers compared on an MSLS-layout dataset (thesis Table 4.1 layout)."""
+    import csv
+    from pathlib import Path
+
+    import yaml
+
+    from .datasets.msls import load_side, write_predictions
+    from .evaluation import evaluate_queries, rerank_run
+    from .mapbuild import map_model
+    from .rerank.base import build_reranker
+
+    parser = argparse.ArgumentParser(prog="vpr-eval", description="Compare re-rankers on MSLS-layout queries.")
+    parser.add_argument("--msls", required=True, help="MSLS root (real or synthetic)")
+    parser.add_argument("--city", required=True, help="city whose query side is evaluated")
+    parser.add_argument("--map", required=True, help="map built from that city's database side (vpr-map build --msls)")
+    parser.add_argument("--model", help="descriptor weights, if the map does not store its model")
+    parser.add_argument("--subtask", default="all", help="MSLS subtask of the queries (default all)")
+    parser.add_argument("-K", "--top-k", type=int, default=100, help="candidates re-ranked per query (default 100)")
+    parser.add_argument("--reranker", action="append", type=_reranker_spec, default=[],
+                        help="NAME or NAME:key=value,... (repeatable), e.g. superglobal:P=1,beta=0.6")
+    parser.add_argument("--config", help="YAML list of {name: ..., <params>} re-rankers")
+    parser.add_argument("--grid", action="store_true", help="also search the thesis grids for AQE, aQE, SuperGlobal")
+    parser.add_argument("--out", help="folder for results.csv, results.md and one prediction file per re-ranker")
+    parser.add_argument("--device", default="cpu", help="device for re-ranking (default cpu)")
+    args = parser.parse_args(argv)
+    specs = list(args.reranker)
+    if args.config:
+        for entry in yaml.safe_load(Path(args.config).read_text()) or []:
+            entry = dict(entry)
+            specs.append((entry.pop("name"), entry))
+    if not specs:
+        specs = [("none", {}), ("aqe", {"k": 1}), ("alpha_qe", {"k": 1, "alpha": 1.0}),
+                 ("superglobal", {"P": 1, "beta": 0.6}), ("k_reciprocal", {}), ("gnn_knn", {})]
+    try:
+        bundle = MapBundle.load(args.map)
+        query = load_side(args.msls, args.city, "query", args.subtask)
+        run = evaluate_queries(bundle, map_model(bundle, args.model), query, k=args.top_k)
+        rows = []
+        for name, params in specs:
+            reranker = build_reranker(name, **params)
+            if reranker.learned and not reranker.trained:
+                print(f"vpr-eval: WARNING: {name} has no trained weights (pass weights=PATH); its scores are "
+                      "those of a randomly initialised network", file=sys.stderr)
+            ranked, metrics = rerank_run(bundle, run, reranker.to(args.device).eval(), device=args.device)
+            rows.append((name, params, ranked, metrics))
+        if args.grid:
+            for name, grid in THESIS_GRID.items():
+                scored = [(params, rerank_run(bundle, run, build_reranker(name, **params))) for params in grid]
+                params, (ranked, metrics) = max(scored, key=lambda item: item[1][1]["map@10"])
+                print(f"grid {name}: best by mAP@10 {params} ({metrics['map@10']:.4f} of {len(grid)} settings)")
+                rows.append((f"{name} (grid best)", params, ranked, metrics))
+    except (MapError, OSError, ValueError) as exc:
+        print(f"vpr-eval: {exc}", file=sys.stderr)
+        return 1
+    columns = ("map@1", "map@5", "map@10", "map@20", "recall@5", "recall@10", "recall@20")
+    print(f"{args.city}: {run.metrics['queries']} queries with positives, K = {args.top_k}")
+    header = f"{'re-ranker':44s}" + "".join(f"{c:>10s}" for c in columns)
+    print(header)
+    for name, params, _, metrics in rows:
+        label = name + (" " + ",".join(f"{k}={v}" for k, v in params.items()) if params else "")
+        print(f"{label:44s}" + "".join(f"{100 * metrics.get(c, float('nan')):10.2f}" for c in columns))
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out / "results.csv", "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["reranker", "params", *columns, "queries"])
+            for name, params, _, m in rows:
+                writer.writerow([name, json.dumps(params), *(f"{m.get(c, float('nan')):.6f}" for c in columns),
+                                 m["queries"]])
+        lines = ["| re-ranker | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+        for name, params, _, m in rows:
+            lines.append(f"| {name} {json.dumps(params) if params else ''} | " +
+                         " | ".join(f"{100 * m.get(c, float('nan')):.2f}" for c in columns) + " |")
+        (out / "results.md").write_text("\n".join(lines) + "\n")
+        keys = bundle.table.keys
+        for name, params, ranked, _ in rows:
+            slug = name.replace(" ", "_").replace("(", "").replace(")", "")
+            write_predictions(out / f"predictions_{slug}.txt", list(run.query.keys), [list(keys[r]) for r in ranked])
+        print(f"results written to {out}")
+    return 0

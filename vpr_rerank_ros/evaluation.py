@@ -51,3 +51,30 @@ def evaluate_queries(bundle: MapBundle, model: GlobalDescriptor | None, query: M
     ks = tuple(x for x in (1, 5, 10, 20) if x <= k)
     return RetrievalRun(query=query, descriptors=descriptors, result=result, positives=positives,
                         metrics=retrieval_metrics(result.ids, positives, ks=ks))
+
+
+def rerank_run(bundle: MapBundle, run: RetrievalRun, reranker, batch_size: int = 32,
+               device: str = "cpu") -> tuple[np.ndarray, dict]:
+    """Re-rank a retrieval run's candidates: returns (ranked map ids (Q, K), metrics). Candidate descriptors,
+    poses and overlaps come from the map; queries go through the re-ranker in batches."""
+    import torch
+
+    from .rerank.base import rerank_order
+
+    ids = run.result.ids
+    if (ids < 0).any():
+        raise ValueError("some queries have fewer candidates than K; use a smaller K")
+    ranked = np.empty_like(ids)
+    poses_all = bundle.table.poses
+    with torch.inference_mode():
+        for start in range(0, len(ids), batch_size):
+            block = ids[start:start + batch_size]
+            query = torch.from_numpy(np.ascontiguousarray(run.descriptors[start:start + batch_size], np.float32))
+            candidates = torch.from_numpy(np.asarray(bundle.descriptors[block.reshape(-1)], np.float32))
+            candidates = candidates.reshape(*block.shape, -1)
+            poses = torch.from_numpy(poses_all[block])
+            overlaps = torch.from_numpy(np.stack([bundle.overlap.lookup(row, row) for row in block]))
+            scores = reranker(query.to(device), candidates.to(device), poses.to(device), overlaps.to(device))
+            ranked[start:start + batch_size] = np.take_along_axis(block, rerank_order(scores).cpu().numpy(), 1)
+    ks = tuple(x for x in (1, 5, 10, 20) if x <= ids.shape[1])
+    return ranked, retrieval_metrics(ranked, run.positives, ks=ks)

@@ -147,6 +147,9 @@ class LearnedReranker(Reranker):
         return F.normalize(x, dim=-1)
 
     def score(self, query, candidates, poses, overlaps, query_heading):
+        if query.shape[1] != self.config.dim:
+            raise ValueError(f"the {self.config.variant} model expects {self.config.dim}-D descriptors (its `dim`), "
+                             f"got {query.shape[1]}-D")
         if self.config.variant == "fc":
             q, c = self.embed(query), self.embed(candidates)
             return torch.einsum("bd,bkd->bk", q, c)
