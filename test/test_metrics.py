@@ -1,6 +1,4 @@
 """Recall@k / mAP@k as the MSLS challenge defines them, positives from positions, localisation errors."""
-import time
-
 import numpy as np
 import pytest
 
@@ -65,16 +63,6 @@ def test_bad_arguments():
         retrieval_metrics([[1]], [{1}, {2}])
     with pytest.raises(ValueError, match="positive"):
         retrieval_metrics([[1]], [{1}], ks=(0,))
-
-
-def test_scores_100k_queries_in_seconds():
-    rng = np.random.default_rng(3)
-    ranked = rng.integers(0, 1_000_000, (100_000, 20))
-    positives = [rng.integers(0, 1_000_000, 4) for _ in range(100_000)]
-    start = time.perf_counter()
-    m = retrieval_metrics(ranked, positives)
-    assert time.perf_counter() - start < 20.0  # a generous bound: the loop-per-query version takes minutes
-    assert m["queries"] == 100_000
 
 
 def test_positives_within_matches_brute_force():

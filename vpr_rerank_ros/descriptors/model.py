@@ -6,17 +6,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 from torch import nn
 
+from ..checkpoint import dataclass_from, read_config, read_tensors, write_checkpoint
 from .backbones import EfficientNetLite0, Vgg16Conv5
 
 BACKBONES = ("vgg16", "efficientnet_lite0")
@@ -65,20 +65,6 @@ class DescriptorConfig:
 
     def to_json(self) -> str:
         return json.dumps({"format": "vpr_rerank_ros.descriptor", "version": 1, **asdict(self)}, sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> "DescriptorConfig":
-        data = json.loads(text)
-        if data.pop("format", None) != "vpr_rerank_ros.descriptor" or data.pop("version", None) != 1:
-            raise ValueError("not a vpr_rerank_ros descriptor config (format/version missing or unknown)")
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown descriptor config keys: {', '.join(sorted(unknown))}")
-        for key in ("mean", "std"):
-            if key in data:
-                data[key] = tuple(data[key])
-        return cls(**data)
 
 
 class NetVLAD(nn.Module):
@@ -181,37 +167,22 @@ def prepare_image(rgb: np.ndarray, max_side: int) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).float().div_(255.0)
 
 
+DESCRIPTOR_FORMAT = "vpr_rerank_ros.descriptor"
+
+
 def save_model(model: GlobalDescriptor, path: str | Path) -> Path:
     """Write `<stem>.safetensors` and `<stem>.json` (the config, with the identity for reference)."""
-    path = Path(path)
-    if path.suffix != ".safetensors":
-        raise ValueError(f"native weights end in .safetensors, got {path.name}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data = save_safetensors_bytes(model.weight_tensors())
-    path.write_bytes(data)
-    config = json.loads(model.config.to_json())
-    config["identity"] = model.identity
-    path.with_suffix(".json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    return path
+    return write_checkpoint(path, model.weight_tensors(), DESCRIPTOR_FORMAT,
+                            {**asdict(model.config), "identity": model.identity})
 
 
 def load_native(path: str | Path) -> GlobalDescriptor:
     """Read the project's own format: `<stem>.safetensors` + `<stem>.json`."""
-    path = Path(path)
-    config_path = path.with_suffix(".json")
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such weights file")
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{config_path}: the JSON config beside {path.name} is missing")
-    raw = json.loads(config_path.read_text())
-    stated = raw.pop("identity", None)
-    try:
-        config = DescriptorConfig.from_json(json.dumps(raw))
-        tensors = load_safetensors_bytes(path.read_bytes())
-    except Exception as exc:  # safetensors raises its own error types for corrupt files
-        raise ValueError(f"{path}: cannot read ({exc})") from exc
-    model = GlobalDescriptor(config)
-    model.load_weights(tensors, str(path))
+    data = read_config(path, DESCRIPTOR_FORMAT)
+    stated = data.pop("identity", None)
+    data = {k: tuple(v) if k in ("mean", "std") else v for k, v in data.items()}
+    model = GlobalDescriptor(dataclass_from(DescriptorConfig, data, str(path)))
+    model.load_weights(read_tensors(path), str(path))
     if stated is not None and stated != model.identity:
         raise ValueError(f"{path}: weights or config changed since it was written (identity mismatch)")
     return model

@@ -10,15 +10,14 @@ suggested extension; 0.5 when the query heading is unknown).
 """
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..checkpoint import dataclass_from, read_config, read_tensors, write_checkpoint
 from ..geo import FOV_ANGLE_DEG, FOV_RADIUS_M, fov_overlap
 from .base import Reranker, cosine, register
 
@@ -98,7 +97,7 @@ class LearnedReranker(Reranker):
             self.head = nn.Sequential(nn.Linear(c.width, c.width), nn.GELU(), nn.Linear(c.width, c.L + 1))
         self.trained = weights is not None
         if weights is not None:
-            tensors = load_file(str(weights))
+            tensors = read_tensors(weights)
             missing, unexpected = self.load_state_dict(tensors, strict=False)
             if missing or unexpected:
                 raise ValueError(f"{weights}: weights do not fit {c.variant}: missing {missing[:5]}, "
@@ -172,32 +171,16 @@ class CsaReranker(LearnedReranker):
     variant = "csa"
 
 
+RERANKER_FORMAT = "vpr_rerank_ros.reranker"
+
+
 def save_reranker(model: LearnedReranker, path: str | Path) -> Path:
     """Write `<stem>.safetensors` (weights) and `<stem>.json` (config)."""
-    path = Path(path)
-    if path.suffix != ".safetensors":
-        raise ValueError(f"re-ranker weights end in .safetensors, got {path.name}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(path))
-    config = {"format": "vpr_rerank_ros.reranker", "version": 1, **asdict(model.config)}
-    path.with_suffix(".json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    return path
+    return write_checkpoint(path, model.state_dict(), RERANKER_FORMAT, asdict(model.config))
 
 
 def load_reranker_config(path: str | Path) -> GnnConfig:
-    path = Path(path)
-    config_path = path.with_suffix(".json")
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such re-ranker weights file")
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{config_path}: the JSON config beside {path.name} is missing")
-    data = json.loads(config_path.read_text())
-    if data.pop("format", None) != "vpr_rerank_ros.reranker" or data.pop("version", None) != 1:
-        raise ValueError(f"{config_path}: not a vpr_rerank_ros re-ranker config")
-    unknown = set(data) - {f.name for f in fields(GnnConfig)}
-    if unknown:
-        raise ValueError(f"{config_path}: unknown keys {sorted(unknown)}")
-    return GnnConfig(**data)
+    return dataclass_from(GnnConfig, read_config(path, RERANKER_FORMAT), str(path))
 
 
 def load_reranker(path: str | Path) -> LearnedReranker:
