@@ -1,0 +1,173 @@
+"""The pipeline object, without ROS: camera image (+ GPS hint) -> descriptor -> retrieval -> re-ranking ->
+pose estimate with a covariance derived from the agreement of the top matches."""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .descriptors.extract import DescriptorExtractor
+from .descriptors.model import GlobalDescriptor
+from .geo import heading_difference, utm_to_latlon
+from .mapdb import MapBundle
+from .rerank.base import Reranker, build_reranker, rerank_order
+
+
+@dataclass(frozen=True)
+class LocalizerSettings:
+    """How many candidates to re-rank, how matches become a pose, and how GPS hints restrict the search."""
+
+    top_k: int = 100                  # candidates retrieved and re-ranked
+    pose_matches: int = 5             # top re-ranked matches that form the estimate
+    temperature: float = 0.05         # softmax temperature turning scores into weights
+    position_floor_m: float = 5.0     # a camera is not where a map image was taken: minimum 1-sigma
+    heading_floor_deg: float = 10.0
+    agree_radius_m: float = 25.0      # matches this close to the best one count as agreeing (confidence)
+    gps_radius_m: float = 50.0        # search radius around a GPS hint, plus 3 sigma of the fix
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.top_k < 1 or not 1 <= self.pose_matches <= self.top_k:
+            raise ValueError(f"need top_k >= 1 and 1 <= pose_matches <= top_k, got {self.top_k}, {self.pose_matches}")
+        for name in ("temperature", "position_floor_m", "heading_floor_deg", "agree_radius_m", "gps_radius_m"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+
+
+@dataclass
+class Match:
+    key: str
+    index: int
+    score: float
+    easting: float
+    northing: float
+    heading: float
+
+
+@dataclass
+class Localization:
+    """One frame's result: ranked matches, pose (map's UTM zone, grid heading), uncertainty, provenance."""
+
+    matches: list
+    easting: float
+    northing: float
+    heading: float                    # degrees clockwise from UTM grid north
+    lat: float
+    lon: float
+    position_covariance: np.ndarray   # (2, 2) m^2, east/north
+    heading_variance: float           # deg^2
+    confidence: float                 # share of the pose weight that agrees with the best match
+    gps_used: bool
+    gps_fallback: bool                # a hint was given but nothing lay within the radius
+    gps_note: str
+    stamp: float | None
+    timings: dict = field(default_factory=dict)   # seconds per stage
+
+
+class Localizer:
+    """Localises camera frames against a map with its descriptor model and a re-ranker."""
+
+    def __init__(self, bundle: MapBundle, model: GlobalDescriptor, reranker: Reranker | str = "none",
+                 settings: LocalizerSettings = LocalizerSettings(), reranker_params: dict | None = None) -> None:
+        expected = bundle.meta["descriptor"].get("identity")
+        if expected and model.identity != expected:
+            raise ValueError(f"descriptor model {model.config.name} does not match the map {bundle.root} "
+                             f"(built with {bundle.meta['descriptor'].get('name')})")
+        if model.output_dim != bundle.dim:
+            raise ValueError(f"descriptor model gives {model.output_dim}-D vectors, the map holds {bundle.dim}-D")
+        self.bundle, self.settings = bundle, settings
+        self.extractor = DescriptorExtractor(model, settings.device, batch_size=1)
+        self.device = self.extractor.device
+        self.set_reranker(reranker, **(reranker_params or {}))
+
+    def set_reranker(self, reranker: Reranker | str, **params) -> None:
+        """Swap the re-ranker (e.g. from a parameter callback)."""
+        self.reranker = (build_reranker(reranker, **params) if isinstance(reranker, str) else reranker)
+        self.reranker = self.reranker.to(self.device).eval()
+
+    def localize(self, image: np.ndarray, gps_hint: tuple[float, float, float] | None = None,
+                 heading_hint: float | None = None, stamp: float | None = None) -> Localization:
+        """Localise one RGB image. `gps_hint` = (lat, lon, 1-sigma metres); `heading_hint` = compass degrees."""
+        timings = {}
+        start = time.perf_counter()
+        descriptor = self.extractor.describe_arrays([image])
+        timings["descriptor"] = time.perf_counter() - start
+
+        start = time.perf_counter()
+        hint_xy, radius, note = self._hint(gps_hint)
+        k = min(self.settings.top_k, len(self.bundle))
+        result = self.bundle.search(descriptor, k, hint_xy=hint_xy, radius=radius)
+        if result.fallback[0]:
+            note = f"no map image within {radius:.0f} m of the GPS hint: searched the whole map"
+        timings["retrieval"] = time.perf_counter() - start
+
+        start = time.perf_counter()
+        ids = result.ids[0][result.ids[0] >= 0]
+        order = self._rerank(descriptor, ids, heading_hint)
+        ids = ids[order]
+        timings["reranking"] = time.perf_counter() - start
+
+        start = time.perf_counter()
+        localization = self._pose(ids, descriptor[0], gps_used=bool(result.restricted[0]),
+                                  fallback=bool(result.fallback[0]), note=note, stamp=stamp)
+        timings["pose"] = time.perf_counter() - start
+        localization.timings = timings
+        return localization
+
+    def _hint(self, gps_hint) -> tuple[np.ndarray | None, float | None, str]:
+        if gps_hint is None:
+            return None, None, "no GPS hint"
+        lat, lon, sigma = (float(v) for v in gps_hint)
+        if not (math.isfinite(lat) and math.isfinite(lon)) or abs(lat) > 90 or abs(lon) > 180:
+            return None, None, f"invalid GPS hint ({lat}, {lon}) ignored"
+        sigma = sigma if math.isfinite(sigma) and sigma > 0 else 0.0
+        return self.bundle.hint_from_latlon(lat, lon), self.settings.gps_radius_m + 3 * sigma, "GPS hint used"
+
+    def _rerank(self, descriptor: np.ndarray, ids: np.ndarray, heading_hint) -> np.ndarray:
+        if ids.size == 0:
+            return ids
+        table = self.bundle.table
+        with torch.inference_mode():
+            query = torch.from_numpy(descriptor).to(self.device)
+            candidates = torch.from_numpy(np.asarray(self.bundle.descriptors[ids], np.float32))[None].to(self.device)
+            poses = torch.from_numpy(table.poses[ids])[None].to(self.device)
+            overlaps = torch.from_numpy(self.bundle.overlap.lookup(ids, ids))[None].to(self.device)
+            heading = None if heading_hint is None else torch.tensor([float(heading_hint)], device=self.device)
+            scores = self.reranker(query, candidates, poses, overlaps, heading)
+            return rerank_order(scores)[0].cpu().numpy()
+
+    def _pose(self, ids, descriptor, gps_used, fallback, note, stamp) -> Localization:
+        """The estimate is the weighted mean of the top matches that agree with the best one (weights: softmax
+        of descriptor similarities); its covariance is the weighted spread of *all* top matches around it plus
+        a floor, so it is never zero and grows when the matches disagree."""
+        table, s = self.bundle.table, self.settings
+        if ids.size == 0:
+            raise ValueError("the map returned no candidates")
+        similarities = np.asarray(self.bundle.descriptors[ids], np.float32) @ descriptor
+        matches = [Match(str(table.keys[i]), int(i), float(sim), float(table.easting[i]), float(table.northing[i]),
+                         float(table.heading[i])) for i, sim in zip(ids, similarities)]
+        top = ids[:s.pose_matches]
+        logits = similarities[:s.pose_matches].astype(np.float64) / s.temperature
+        weights = np.exp(logits - logits.max())
+        weights /= weights.sum()
+        xy = np.stack([table.easting[top], table.northing[top]], axis=1)
+        agree = (np.hypot(*(xy - xy[0]).T) <= s.agree_radius_m) & \
+            (heading_difference(table.heading[top], table.heading[top[0]]) <= 90.0)
+        cluster = weights * agree / (weights * agree).sum()
+        mean = cluster @ xy
+        offset = xy - mean
+        covariance = (weights[:, None] * offset).T @ offset + s.position_floor_m ** 2 * np.eye(2)
+        angles = np.radians(table.heading[top])
+        unit = np.stack([np.sin(angles), np.cos(angles)], axis=1)
+        direction = cluster @ unit
+        heading = float(np.degrees(np.arctan2(direction[0], direction[1])) % 360.0)
+        resultant = float(np.clip(np.linalg.norm(weights @ unit), 1e-9, 1.0))
+        heading_variance = math.degrees(math.sqrt(-2.0 * math.log(resultant))) ** 2 + s.heading_floor_deg ** 2
+        lat, lon = utm_to_latlon(mean[0], mean[1], table.zone)
+        return Localization(matches=matches, easting=float(mean[0]), northing=float(mean[1]), heading=heading,
+                            lat=float(lat), lon=float(lon), position_covariance=covariance,
+                            heading_variance=heading_variance, confidence=float(weights[agree].sum()),
+                            gps_used=gps_used, gps_fallback=fallback, gps_note=note, stamp=stamp)
