@@ -49,6 +49,7 @@ setup(
             "vpr-weights = vpr_rerank_ros.cli:weights_main",
             "vpr-demo = vpr_rerank_ros.demo:main",
             "vpr-eval = vpr_rerank_ros.cli:eval_main",
+            "vpr_localizer = vpr_rerank_ros.node:main",
         ],
     },
 )

@@ -16,6 +16,7 @@ def test_share_directory_found_through_ament_index():
     installed = ET.parse(share / "package.xml").getroot()
     assert installed.findtext("name") == "vpr_rerank_ros"
     assert installed.findtext("version") == ET.parse(REPO / "package.xml").getroot().findtext("version")
+    assert (share / "config" / "localize.yaml").read_text() == (REPO / "config" / "localize.yaml").read_text()
 
 
 def test_package_xml_is_format3_ament_python():
@@ -34,8 +35,9 @@ def test_rclpy_not_in_install_requires():
 
 
 def test_console_script_installed():
-    script = Path(sys.prefix) / "bin" / "vpr-map"
-    assert script.exists() or shutil.which("vpr-map"), "vpr-map was not installed (run make setup)"
+    for name in ("vpr-map", "vpr-synth", "vpr-weights", "vpr-eval", "vpr-demo", "vpr_localizer"):
+        script = Path(sys.prefix) / "bin" / name
+        assert script.exists() or shutil.which(name), f"{name} was not installed (run make setup)"
 
 
 @pytest.mark.ros

@@ -1,0 +1,275 @@
+"""`vpr_localizer`: the ROS 2 node. Camera frames and GPS fixes in; PoseWithCovarianceStamped, NavSatFix,
+diagnostics and (optionally) match markers out. A thin edge over `Localizer`.
+
+Latest frame wins: the image callback only stores the newest frame; a timer in its own callback group
+runs the pipeline, so a slow model never builds a backlog. Bad input is logged (throttled) and skipped.
+"""
+from __future__ import annotations
+
+import math
+import sys
+import threading
+import time
+
+import numpy as np
+import rclpy
+import yaml
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+from geometry_msgs.msg import PoseWithCovarianceStamped
+from rcl_interfaces.msg import ParameterDescriptor, SetParametersResult
+from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
+from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+from rclpy.node import Node
+from rclpy.qos import qos_profile_sensor_data
+from sensor_msgs.msg import CompressedImage, Image, NavSatFix, NavSatStatus
+from std_srvs.srv import Trigger
+from visualization_msgs.msg import Marker, MarkerArray
+
+from .geo import EnuFrame, heading_to_yaw, meridian_convergence_deg
+from .images import ImageError, decode_compressed, decode_raw
+from .localizer import Localizer, LocalizerSettings
+from .mapbuild import map_model
+from .mapdb import MapBundle, MapError
+
+LARGE_VARIANCE = 1e6   # unobserved axes (z, roll, pitch): "unknown", never zero
+
+PARAMETERS = {  # name: (default, description); every one is documented in config/localize.yaml
+    "map_path": ("", "map bundle directory (vpr-map build)"),
+    "model_path": ("", "descriptor weights; empty = the model stored in the map"),
+    "reranker": ("none", "re-ranker name (none, aqe, alpha_qe, superglobal, k_reciprocal, gnn_knn, gnn, fc, csa)"),
+    "reranker_params": ("{}", "re-ranker parameters as a YAML mapping, e.g. '{P: 1, beta: 0.6}'"),
+    "top_k": (100, "candidates retrieved and re-ranked per frame"),
+    "pose_matches": (5, "top re-ranked matches that form the pose estimate"),
+    "compressed": (False, "subscribe to image/compressed (CompressedImage) instead of image (Image)"),
+    "map_frame": ("map", "frame_id of the published pose"),
+    "output": ("enu", "pose coordinates: 'enu' (metres from datum) or 'utm' (the map's zone)"),
+    "datum_lat": (float("nan"), "ENU datum latitude; NaN = the map's centre"),
+    "datum_lon": (float("nan"), "ENU datum longitude; NaN = the map's centre"),
+    "gps_max_age_s": (2.0, "GPS fixes older than this (relative to the image stamp) are ignored"),
+    "gps_radius_m": (50.0, "search radius around a GPS hint, plus 3 sigma of the fix"),
+    "rate_hz": (10.0, "how often the newest frame is processed, at most"),
+    "device": ("auto", "cuda, cpu or auto"),
+    "publish_matches": (False, "publish ~/matches markers at the top matches"),
+}
+
+
+class LocalizerNode(Node):
+    def __init__(self, **kwargs) -> None:
+        super().__init__("vpr_localizer", **kwargs)
+        for name, (default, text) in PARAMETERS.items():
+            self.declare_parameter(name, default, ParameterDescriptor(description=text))
+        self.p = {name: self.get_parameter(name).value for name in PARAMETERS}
+        self._validate(self.p)
+        self.localizer = self._load_localizer()
+        self.lock = threading.Lock()
+        self.latest = None          # (msg, receive time)
+        self.fix = None             # (lat, lon, sigma, stamp seconds)
+        self.stats = {"received": 0, "processed": 0, "dropped": 0, "bad": 0, "last_latency": {}}
+        self._warned = {}
+        image_type, topic = (CompressedImage, "image/compressed") if self.p["compressed"] else (Image, "image")
+        self.create_subscription(image_type, topic, self._on_image, qos_profile_sensor_data)
+        self.create_subscription(NavSatFix, "gps/fix", self._on_fix, qos_profile_sensor_data)
+        self.pose_pub = self.create_publisher(PoseWithCovarianceStamped, "~/pose", 10)
+        self.fix_pub = self.create_publisher(NavSatFix, "~/fix", 10)
+        self.diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
+        self.match_pub = self.create_publisher(MarkerArray, "~/matches", 10)
+        self.create_service(Trigger, "~/reload_map", self._on_reload)
+        self.add_on_set_parameters_callback(self._on_parameters)
+        self.create_timer(1.0 / self.p["rate_hz"], self._process, callback_group=MutuallyExclusiveCallbackGroup())
+        self.create_timer(1.0, self._diagnostics)
+        self.get_logger().info(f"localising against {len(self.localizer.bundle)} map images with "
+                               f"{self.p['reranker']} on {self.localizer.device}")
+
+    # ------------------------------------------------------------------ set-up
+
+    @staticmethod
+    def _validate(p: dict) -> None:
+        if not p["map_path"]:
+            raise ValueError("parameter map_path is required (a map directory built with vpr-map build)")
+        if p["output"] not in ("enu", "utm"):
+            raise ValueError(f"parameter output must be 'enu' or 'utm', got {p['output']!r}")
+        if not p["rate_hz"] > 0 or p["top_k"] < 1 or not 1 <= p["pose_matches"] <= p["top_k"]:
+            raise ValueError("need rate_hz > 0, top_k >= 1 and 1 <= pose_matches <= top_k")
+        params = yaml.safe_load(p["reranker_params"] or "{}")
+        if not isinstance(params, dict):
+            raise ValueError(f"parameter reranker_params must be a YAML mapping, got {p['reranker_params']!r}")
+
+    def _load_localizer(self) -> Localizer:
+        bundle = MapBundle.load(self.p["map_path"])
+        model = map_model(bundle, self.p["model_path"] or None)
+        settings = LocalizerSettings(top_k=min(self.p["top_k"], len(bundle)), pose_matches=self.p["pose_matches"],
+                                     gps_radius_m=self.p["gps_radius_m"], device=self.p["device"])
+        localizer = Localizer(bundle, model, self.p["reranker"], settings, yaml.safe_load(self.p["reranker_params"]))
+        if localizer.reranker.learned and not localizer.reranker.trained:
+            self.get_logger().error(f"re-ranker {self.p['reranker']} has NO TRAINED WEIGHTS: its ranking is random")
+        lat, lon = self.p["datum_lat"], self.p["datum_lon"]
+        if not (math.isfinite(lat) and math.isfinite(lon)):
+            lat, lon = float(np.mean(bundle.table.lat)), float(np.mean(bundle.table.lon))
+        self.enu = EnuFrame(lat, lon)
+        return localizer
+
+    # ------------------------------------------------------------------ callbacks
+
+    def _on_image(self, msg) -> None:
+        with self.lock:
+            if self.latest is not None:
+                self.stats["dropped"] += 1          # replaced before it was processed: latest frame wins
+            self.latest = msg
+            self.stats["received"] += 1
+
+    def _on_fix(self, msg: NavSatFix) -> None:
+        if msg.status.status < NavSatStatus.STATUS_FIX or not (math.isfinite(msg.latitude) and math.isfinite(msg.longitude)):
+            self._warn("fix", f"ignoring GPS fix with status {msg.status.status} / non-finite position")
+            return
+        cov = msg.position_covariance[0] if msg.position_covariance_type else float("nan")
+        sigma = math.sqrt(cov) if math.isfinite(cov) and cov > 0 else 10.0
+        stamp = msg.header.stamp.sec + msg.header.stamp.nanosec * 1e-9
+        with self.lock:
+            self.fix = (msg.latitude, msg.longitude, sigma, stamp)
+
+    def _process(self) -> None:
+        with self.lock:
+            msg, self.latest = self.latest, None
+            fix = self.fix
+        if msg is None:
+            return
+        start = time.perf_counter()
+        try:
+            rgb = (decode_compressed(msg.data) if isinstance(msg, CompressedImage)
+                   else decode_raw(msg.encoding, msg.height, msg.width, msg.step, msg.data))
+        except ImageError as exc:
+            self.stats["bad"] += 1
+            self._warn("image", f"skipping frame: {exc}")
+            return
+        stamp = msg.header.stamp.sec + msg.header.stamp.nanosec * 1e-9
+        hint = None
+        if fix is not None and abs(stamp - fix[3]) <= self.p["gps_max_age_s"]:
+            hint = fix[:3]
+        try:
+            result = self.localizer.localize(rgb, gps_hint=hint, stamp=stamp)
+        except ValueError as exc:
+            self.stats["bad"] += 1
+            self._warn("localize", f"skipping frame: {exc}")
+            return
+        self._publish(msg.header.stamp, result)
+        self.stats["processed"] += 1
+        self.stats["last_latency"] = {**result.timings, "total": time.perf_counter() - start}
+
+    def _publish(self, stamp, result) -> None:
+        table = self.localizer.bundle.table
+        pose = PoseWithCovarianceStamped()
+        pose.header.stamp, pose.header.frame_id = stamp, self.p["map_frame"]
+        compass = result.heading + float(meridian_convergence_deg(result.lat, result.lon, table.zone))
+        if self.p["output"] == "enu":
+            east, north, _ = self.enu.to_enu(result.lat, result.lon)
+            x, y, yaw = float(east), float(north), float(heading_to_yaw(compass))
+        else:
+            x, y, yaw = result.easting, result.northing, float(heading_to_yaw(result.heading))
+        pose.pose.pose.position.x, pose.pose.pose.position.y = x, y
+        pose.pose.pose.orientation.z, pose.pose.pose.orientation.w = math.sin(yaw / 2), math.cos(yaw / 2)
+        cov = np.zeros((6, 6))
+        cov[:2, :2] = result.position_covariance
+        cov[2, 2] = cov[3, 3] = cov[4, 4] = LARGE_VARIANCE
+        cov[5, 5] = math.radians(math.sqrt(result.heading_variance)) ** 2
+        pose.pose.covariance = cov.reshape(-1).tolist()
+        self.pose_pub.publish(pose)
+        fix = NavSatFix()
+        fix.header.stamp, fix.header.frame_id = stamp, self.p["map_frame"]
+        fix.status.status, fix.status.service = NavSatStatus.STATUS_FIX, NavSatStatus.SERVICE_GPS
+        fix.latitude, fix.longitude, fix.altitude = result.lat, result.lon, float("nan")
+        enu_cov = np.zeros((3, 3))
+        enu_cov[:2, :2] = result.position_covariance
+        enu_cov[2, 2] = LARGE_VARIANCE
+        fix.position_covariance = enu_cov.reshape(-1).tolist()
+        fix.position_covariance_type = NavSatFix.COVARIANCE_TYPE_KNOWN
+        self.fix_pub.publish(fix)
+        if self.p["publish_matches"]:
+            self.match_pub.publish(self._markers(stamp, result))
+
+    def _markers(self, stamp, result) -> MarkerArray:
+        markers = MarkerArray()
+        for rank, match in enumerate(result.matches[:10]):
+            m = Marker()
+            m.header.stamp, m.header.frame_id = stamp, self.p["map_frame"]
+            m.ns, m.id, m.type, m.action = "matches", rank, Marker.SPHERE, Marker.ADD
+            if self.p["output"] == "enu":
+                lat, lon = float(self.localizer.bundle.table.lat[match.index]), float(self.localizer.bundle.table.lon[match.index])
+                east, north, _ = self.enu.to_enu(lat, lon)
+                m.pose.position.x, m.pose.position.y = float(east), float(north)
+            else:
+                m.pose.position.x, m.pose.position.y = match.easting, match.northing
+            m.pose.orientation.w = 1.0
+            m.scale.x = m.scale.y = m.scale.z = 3.0 if rank == 0 else 1.5
+            m.color.r, m.color.g, m.color.a = (1.0, 0.2, 1.0) if rank == 0 else (0.2, 0.6, 0.8)
+            markers.markers.append(m)
+        return markers
+
+    def _diagnostics(self) -> None:
+        status = DiagnosticStatus(name="vpr_localizer: pipeline", hardware_id=str(self.localizer.device))
+        status.level = DiagnosticStatus.OK if self.stats["processed"] else DiagnosticStatus.WARN
+        status.message = "localising" if self.stats["processed"] else "waiting for images"
+        values = {"map_images": len(self.localizer.bundle), "reranker": self.p["reranker"],
+                  **{k: self.stats[k] for k in ("received", "processed", "dropped", "bad")},
+                  **{f"latency_{k}_ms": f"{v * 1e3:.1f}" for k, v in self.stats["last_latency"].items()}}
+        status.values = [KeyValue(key=k, value=str(v)) for k, v in values.items()]
+        array = DiagnosticArray(status=[status])
+        array.header.stamp = self.get_clock().now().to_msg()
+        self.diag_pub.publish(array)
+
+    def _on_reload(self, request, response):
+        try:
+            localizer = self._load_localizer()
+        except (MapError, OSError, ValueError) as exc:
+            response.success, response.message = False, str(exc)
+            return response
+        self.localizer = localizer
+        response.success, response.message = True, f"reloaded {len(localizer.bundle)} map images"
+        return response
+
+    def _on_parameters(self, params) -> SetParametersResult:
+        changed = {p.name: p.value for p in params}
+        static = set(changed) - {"reranker", "reranker_params", "top_k", "pose_matches", "publish_matches"}
+        if static:
+            return SetParametersResult(successful=False, reason=f"{sorted(static)} can only be set at start-up")
+        new = {**self.p, **changed}
+        try:
+            self._validate(new)
+            self.localizer.set_reranker(new["reranker"], **yaml.safe_load(new["reranker_params"]))
+            self.localizer.settings = LocalizerSettings(top_k=min(new["top_k"], len(self.localizer.bundle)),
+                                                        pose_matches=new["pose_matches"],
+                                                        gps_radius_m=new["gps_radius_m"], device=new["device"])
+        except ValueError as exc:
+            return SetParametersResult(successful=False, reason=str(exc))
+        self.p = new
+        return SetParametersResult(successful=True)
+
+    def _warn(self, kind: str, text: str, period_s: float = 5.0) -> None:
+        now = time.monotonic()
+        if now - self._warned.get(kind, -1e9) >= period_s:
+            self._warned[kind] = now
+            self.get_logger().warning(text)
+
+
+def main(args: list[str] | None = None) -> int:
+    rclpy.init(args=args)
+    try:
+        node = LocalizerNode()
+    except (MapError, OSError, ValueError) as exc:
+        print(f"vpr_localizer: {exc}", file=sys.stderr)
+        rclpy.try_shutdown()
+        return 1
+    executor = MultiThreadedExecutor(num_threads=2)
+    executor.add_node(node)
+    try:
+        executor.spin()
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    finally:
+        executor.shutdown()
+        node.destroy_node()
+        rclpy.try_shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
