@@ -251,7 +251,11 @@ class LocalizerNode(Node):
 
 
 def main(args: list[str] | None = None) -> int:
-    rclpy.init(args=args)
+    try:
+        rclpy.init(args=args)
+    except Exception as exc:  # rcl reports malformed --ros-args with its own exception type
+        print(f"vpr_localizer: cannot start ROS: {str(exc).splitlines()[0]}", file=sys.stderr)
+        return 2
     try:
         node = LocalizerNode()
     except (MapError, OSError, ValueError) as exc:
