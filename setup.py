@@ -50,6 +50,7 @@ setup(
             "vpr-demo = vpr_rerank_ros.demo:main",
             "vpr-eval = vpr_rerank_ros.cli:eval_main",
             "vpr_localizer = vpr_rerank_ros.node:main",
+            "vpr-replay = vpr_rerank_ros.cli:replay_main",
         ],
     },
 )

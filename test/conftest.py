@@ -26,17 +26,26 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+SYNTH_SEED = 11
+
+
+def synth_config():
+    """The configuration of the shared synthetic town (also used to drive bags through it)."""
+    from vpr_rerank_ros.datasets.synth_town import SynthConfig
+    from vpr_rerank_ros.datasets.town import TownConfig
+
+    return SynthConfig(town=TownConfig(blocks_x=2, blocks_y=2), width=320, height=240, frame_spacing_m=6.0,
+                       query_sequences=4, query_frames=8)
+
+
 @pytest.fixture(scope="session")
 def synthetic_map(tmp_path_factory):
     """A small synthetic town (2x2 blocks, 320x240) and a map of its database side with the offline default."""
     from vpr_rerank_ros.datasets import geotagged
-    from vpr_rerank_ros.datasets.synth_town import SynthConfig, generate
-    from vpr_rerank_ros.datasets.town import TownConfig
+    from vpr_rerank_ros.datasets.synth_town import generate
     from vpr_rerank_ros.mapbuild import build_map
 
     root = tmp_path_factory.mktemp("town")
-    config = SynthConfig(town=TownConfig(blocks_x=2, blocks_y=2), width=320, height=240, frame_spacing_m=6.0,
-                         query_sequences=4, query_frames=8)
-    generate(root / "msls", cities=1, seed=11, config=config)
+    generate(root / "msls", cities=1, seed=SYNTH_SEED, config=synth_config())
     report = build_map(root / "map", geotagged.from_msls(root / "msls", ["synth0"]))
     return root, report

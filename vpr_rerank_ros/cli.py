@@ -311,3 +311,41 @@ def eval_main(argv: list[str] | None = None) -> int:
             write_predictions(out / f"predictions_{slug}.txt", list(run.query.keys), [list(keys[r]) for r in ranked])
         print(f"results written to {out}")
     return 0
+
+
+def replay_main(argv: list[str] | None = None) -> int:
+    """`vpr-replay BAG --map MAP`: localise a drive bag offline and score it against its ground truth."""
+    import csv
+
+    from .localizer import Localizer, LocalizerSettings
+    from .mapbuild import map_model
+    from .replay import format_report, replay_bag
+
+    parser = argparse.ArgumentParser(prog="vpr-replay", description=replay_main.__doc__.split(":", 1)[1].strip())
+    parser.add_argument("bag", help="ROS 2 bag directory (MCAP or SQLite) with camera, GPS and ground truth")
+    parser.add_argument("--map", required=True, help="map directory")
+    parser.add_argument("--model", help="descriptor weights; default: the model stored in the map")
+    parser.add_argument("--reranker", type=_reranker_spec, default=("none", {}), help="NAME or NAME:key=value,...")
+    parser.add_argument("--top-k", type=int, default=100, help="candidates re-ranked per frame (default 100)")
+    parser.add_argument("--no-gps", action="store_true", help="ignore the bag's GPS fixes")
+    parser.add_argument("--device", default="auto", help="cuda, cpu or auto (default)")
+    parser.add_argument("--csv", help="write one row per frame (estimate, truth, error)")
+    args = parser.parse_args(argv)
+    try:
+        bundle = MapBundle.load(args.map)
+        name, params = args.reranker
+        localizer = Localizer(bundle, map_model(bundle, args.model), name,
+                              LocalizerSettings(top_k=min(args.top_k, len(bundle)), device=args.device), params)
+        if localizer.reranker.learned and not localizer.reranker.trained:
+            print(f"vpr-replay: WARNING: {name} has no trained weights; its ranking is random", file=sys.stderr)
+        report = replay_bag(args.bag, localizer, use_gps=not args.no_gps)
+    except (MapError, OSError, ValueError) as exc:
+        print(f"vpr-replay: {exc}", file=sys.stderr)
+        return 1
+    print(format_report(report))
+    if args.csv:
+        with open(args.csv, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(report.rows[0]))
+            writer.writeheader()
+            writer.writerows(report.rows)
+    return 0
