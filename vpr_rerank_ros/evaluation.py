@@ -72,9 +72,11 @@ def rerank_run(bundle: MapBundle, run: RetrievalRun, reranker, batch_size: int =
             query = torch.from_numpy(np.ascontiguousarray(run.descriptors[start:start + batch_size], np.float32))
             candidates = torch.from_numpy(np.asarray(bundle.descriptors[block.reshape(-1)], np.float32))
             candidates = candidates.reshape(*block.shape, -1)
-            poses = torch.from_numpy(poses_all[block])
-            overlaps = torch.from_numpy(np.stack([bundle.overlap.lookup(row, row) for row in block]))
-            scores = reranker(query.to(device), candidates.to(device), poses.to(device), overlaps.to(device))
+            poses = overlaps = None
+            if reranker.uses_geometry:
+                poses = torch.from_numpy(poses_all[block]).to(device)
+                overlaps = torch.from_numpy(np.stack([bundle.overlap.lookup(row, row) for row in block])).to(device)
+            scores = reranker(query.to(device), candidates.to(device), poses, overlaps)
             ranked[start:start + batch_size] = np.take_along_axis(block, rerank_order(scores).cpu().numpy(), 1)
     ks = tuple(x for x in (1, 5, 10, 20) if x <= ids.shape[1])
     return ranked, retrieval_metrics(ranked, run.positives, ks=ks)

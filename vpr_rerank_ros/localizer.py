@@ -106,12 +106,15 @@ class Localizer:
 
         start = time.perf_counter()
         ids = result.ids[0][result.ids[0] >= 0]
-        order = self._rerank(descriptor, ids, heading_hint)
-        ids = ids[order]
+        if ids.size == 0:
+            raise ValueError("the map returned no candidates")
+        candidates = np.asarray(self.bundle.descriptors[ids], np.float32)
+        order = self._rerank(descriptor, candidates, ids, heading_hint)
         timings["reranking"] = time.perf_counter() - start
 
         start = time.perf_counter()
-        localization = self._pose(ids, descriptor[0], gps_used=bool(result.restricted[0]),
+        similarities = (candidates @ descriptor[0])[order]
+        localization = self._pose(ids[order], similarities, gps_used=bool(result.restricted[0]),
                                   fallback=bool(result.fallback[0]), note=note, stamp=stamp)
         timings["pose"] = time.perf_counter() - start
         localization.timings = timings
@@ -126,27 +129,24 @@ class Localizer:
         sigma = sigma if math.isfinite(sigma) and sigma > 0 else 0.0
         return self.bundle.hint_from_latlon(lat, lon), self.settings.gps_radius_m + 3 * sigma, "GPS hint used"
 
-    def _rerank(self, descriptor: np.ndarray, ids: np.ndarray, heading_hint) -> np.ndarray:
-        if ids.size == 0:
-            return ids
-        table = self.bundle.table
+    def _rerank(self, descriptor: np.ndarray, candidates: np.ndarray, ids: np.ndarray, heading_hint) -> np.ndarray:
+        """New order of the candidates; map geometry is looked up only for re-rankers that use it."""
+        poses = overlaps = heading = None
         with torch.inference_mode():
-            query = torch.from_numpy(descriptor).to(self.device)
-            candidates = torch.from_numpy(np.asarray(self.bundle.descriptors[ids], np.float32))[None].to(self.device)
-            poses = torch.from_numpy(table.poses[ids])[None].to(self.device)
-            overlaps = torch.from_numpy(self.bundle.overlap.lookup(ids, ids))[None].to(self.device)
-            heading = None if heading_hint is None else torch.tensor([float(heading_hint)], device=self.device)
-            scores = self.reranker(query, candidates, poses, overlaps, heading)
+            if self.reranker.uses_geometry:
+                poses = torch.from_numpy(self.bundle.table.poses[ids])[None].to(self.device)
+                overlaps = torch.from_numpy(self.bundle.overlap.lookup(ids, ids))[None].to(self.device)
+                if heading_hint is not None:
+                    heading = torch.tensor([float(heading_hint)], device=self.device)
+            scores = self.reranker(torch.from_numpy(descriptor).to(self.device),
+                                   torch.from_numpy(candidates)[None].to(self.device), poses, overlaps, heading)
             return rerank_order(scores)[0].cpu().numpy()
 
-    def _pose(self, ids, descriptor, gps_used, fallback, note, stamp) -> Localization:
+    def _pose(self, ids, similarities, gps_used, fallback, note, stamp) -> Localization:
         """The estimate is the weighted mean of the top matches that agree with the best one (weights: softmax
         of descriptor similarities); its covariance is the weighted spread of *all* top matches around it plus
         a floor, so it is never zero and grows when the matches disagree."""
         table, s = self.bundle.table, self.settings
-        if ids.size == 0:
-            raise ValueError("the map returned no candidates")
-        similarities = np.asarray(self.bundle.descriptors[ids], np.float32) @ descriptor
         matches = [Match(str(table.keys[i]), int(i), float(sim), float(table.easting[i]), float(table.northing[i]),
                          float(table.heading[i])) for i, sim in zip(ids, similarities)]
         top = ids[:s.pose_matches]

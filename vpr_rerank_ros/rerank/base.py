@@ -31,6 +31,7 @@ class Reranker(nn.Module):
 
     name = "base"
     learned = False
+    uses_geometry = False   # whether `poses` / `overlaps` / `query_heading` affect the scores
 
     def forward(self, query: torch.Tensor, candidates: torch.Tensor, poses: torch.Tensor | None = None,
                 overlaps: torch.Tensor | None = None, query_heading: torch.Tensor | None = None) -> torch.Tensor:

@@ -87,6 +87,7 @@ class LearnedReranker(Reranker):
         else:
             config = GnnConfig(**params)
         self.config = config
+        self.uses_geometry = config.variant != "fc" and (config.positional or config.heading)
         c = config
         self.fc1 = nn.Linear(c.dim, c.hidden) if c.variant != "csa" else None
         if c.variant != "fc":
