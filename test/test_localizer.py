@@ -67,3 +67,19 @@ def test_reranker_swap_and_refusals(localizer_and_queries, synthetic_map):
         localizer.localize(np.zeros((10, 10), np.float32))
     with pytest.raises(ValueError, match="pose_matches"):
         LocalizerSettings(top_k=3, pose_matches=5)
+
+
+def test_hint_from_fix():
+    from types import SimpleNamespace
+
+    from vpr_rerank_ros.localizer import hint_from_fix
+
+    def fix(status=0, lat=55.7, lon=13.2, cov=4.0, cov_type=2):
+        return SimpleNamespace(status=SimpleNamespace(status=status), latitude=lat, longitude=lon,
+                               position_covariance=[cov] + [0.0] * 8, position_covariance_type=cov_type)
+
+    assert hint_from_fix(fix()) == (55.7, 13.2, 2.0)
+    assert hint_from_fix(fix(cov_type=0)) == (55.7, 13.2, 10.0)      # unknown covariance: default sigma
+    assert hint_from_fix(fix(cov=0.0)) == (55.7, 13.2, 10.0)         # zero variance is not believed
+    assert hint_from_fix(fix(status=-1)) is None                      # NO_FIX
+    assert hint_from_fix(fix(lat=float("nan"))) is None

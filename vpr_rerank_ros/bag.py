@@ -17,7 +17,7 @@ from rosbags.rosbag2 import Reader, StoragePlugin, Writer
 from rosbags.typesys import Stores, get_typestore
 
 from .geo import UtmZone, heading_to_yaw, yaw_to_heading
-from .images import decode_compressed, decode_raw, encode_jpeg
+from .images import decode_image_message, encode_jpeg
 
 TYPESTORE = get_typestore(Stores.ROS2_KILTED)
 STORAGES = {"mcap": StoragePlugin.MCAP, "sqlite3": StoragePlugin.SQLITE3}
@@ -171,13 +171,6 @@ def iter_bag(path: str | Path, topics: Iterable[str] | None = None) -> Iterator[
             yield conn.topic, conn.msgtype, int(stamp), bytes(raw)
 
 
-def decode_image_message(msgtype: str, msg) -> np.ndarray:
-    """RGB array of a deserialized Image or CompressedImage."""
-    if msgtype == "sensor_msgs/msg/CompressedImage":
-        return decode_compressed(msg.data)
-    return decode_raw(msg.encoding, msg.height, msg.width, msg.step, msg.data)
-
-
 def read_drive_bag(path: str | Path, topics: DriveTopics = DriveTopics(), decode_images: bool = True) -> DriveBag:
     """Everything on a drive bag's camera, GPS and ground-truth topics (images decoded to RGB)."""
     drive = DriveBag()
@@ -186,7 +179,7 @@ def read_drive_bag(path: str | Path, topics: DriveTopics = DriveTopics(), decode
         drive.counts[topic] = drive.counts.get(topic, 0) + 1
         msg = TYPESTORE.deserialize_cdr(raw, msgtype)
         if topic in (topics.image, topics.compressed):
-            rgb = decode_image_message(msgtype, msg) if decode_images else None
+            rgb = decode_image_message(msg) if decode_images else None
             drive.images.append(BagImage(_ns(msg.header), rgb, msg.header.frame_id))
         elif topic == topics.gps:
             cov = float(msg.position_covariance[0])

@@ -103,17 +103,12 @@ def _map_query(args) -> int:
     import csv
     from pathlib import Path
 
-    from .datasets.geotagged import IMAGE_SUFFIXES
+    from .datasets.geotagged import list_images
     from .mapbuild import map_model, query_images
 
     bundle = MapBundle.load(args.map)
     model = map_model(bundle, args.model)
-    folder = Path(args.images)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{folder}: no such folder")
-    items = [(p.stem, str(p)) for p in sorted(folder.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES]
-    if not items:
-        raise ValueError(f"{folder}: no .jpg/.jpeg/.png images")
+    items = [(p.stem, str(p)) for p in list_images(args.images)]
     rows = query_images(bundle, model, items, args.top_k, args.device, args.batch_size, args.workers)
     columns = ("query", "rank", "key", "score", "easting", "northing", "query_easting", "query_northing")
     with open(args.out, "w", newline="") as f:

@@ -63,6 +63,13 @@ def decode_raw(encoding: str, height: int, width: int, step: int, data) -> np.nd
     return cv2.cvtColor(np.ascontiguousarray(image), conversion)
 
 
+def decode_image_message(msg) -> np.ndarray:
+    """RGB array of a sensor_msgs/Image or CompressedImage (rclpy or rosbags message: only the fields are read)."""
+    if hasattr(msg, "format"):
+        return decode_compressed(msg.data)
+    return decode_raw(msg.encoding, msg.height, msg.width, msg.step, msg.data)
+
+
 def encode_jpeg(rgb: np.ndarray, quality: int = 90) -> bytes:
     """JPEG bytes of an RGB array."""
     ok, data = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, int(quality)])

@@ -67,6 +67,16 @@ class Localization:
     timings: dict = field(default_factory=dict)   # seconds per stage
 
 
+def hint_from_fix(fix, default_sigma_m: float = 10.0) -> tuple[float, float, float] | None:
+    """(lat, lon, 1-sigma metres) of a sensor_msgs/NavSatFix usable as a GPS hint, or None when it has no fix
+    (status < STATUS_FIX) or a non-finite position. Works on rclpy and rosbags messages alike."""
+    if fix.status.status < 0 or not (math.isfinite(fix.latitude) and math.isfinite(fix.longitude)):
+        return None
+    variance = float(fix.position_covariance[0]) if fix.position_covariance_type else float("nan")
+    sigma = math.sqrt(variance) if math.isfinite(variance) and variance > 0 else default_sigma_m
+    return float(fix.latitude), float(fix.longitude), sigma
+
+
 class Localizer:
     """Localises camera frames against a map with its descriptor model and a re-ranker."""
 

@@ -26,8 +26,8 @@ from std_srvs.srv import Trigger
 from visualization_msgs.msg import Marker, MarkerArray
 
 from .geo import EnuFrame, heading_to_yaw, meridian_convergence_deg
-from .images import ImageError, decode_compressed, decode_raw
-from .localizer import Localizer, LocalizerSettings
+from .images import ImageError, decode_image_message
+from .localizer import Localizer, LocalizerSettings, hint_from_fix
 from .mapbuild import map_model
 from .mapdb import MapBundle, MapError
 
@@ -94,12 +94,16 @@ class LocalizerNode(Node):
         if not isinstance(params, dict):
             raise ValueError(f"parameter reranker_params must be a YAML mapping, got {p['reranker_params']!r}")
 
+    @staticmethod
+    def _settings(p: dict, map_size: int) -> LocalizerSettings:
+        return LocalizerSettings(top_k=min(p["top_k"], map_size), pose_matches=min(p["pose_matches"], map_size),
+                                 gps_radius_m=p["gps_radius_m"], device=p["device"])
+
     def _load_localizer(self) -> Localizer:
         bundle = MapBundle.load(self.p["map_path"])
         model = map_model(bundle, self.p["model_path"] or None)
-        settings = LocalizerSettings(top_k=min(self.p["top_k"], len(bundle)), pose_matches=self.p["pose_matches"],
-                                     gps_radius_m=self.p["gps_radius_m"], device=self.p["device"])
-        localizer = Localizer(bundle, model, self.p["reranker"], settings, yaml.safe_load(self.p["reranker_params"]))
+        localizer = Localizer(bundle, model, self.p["reranker"], self._settings(self.p, len(bundle)),
+                              yaml.safe_load(self.p["reranker_params"]))
         if localizer.reranker.learned and not localizer.reranker.trained:
             self.get_logger().error(f"re-ranker {self.p['reranker']} has NO TRAINED WEIGHTS: its ranking is random")
         lat, lon = self.p["datum_lat"], self.p["datum_lon"]
@@ -118,14 +122,13 @@ class LocalizerNode(Node):
             self.stats["received"] += 1
 
     def _on_fix(self, msg: NavSatFix) -> None:
-        if msg.status.status < NavSatStatus.STATUS_FIX or not (math.isfinite(msg.latitude) and math.isfinite(msg.longitude)):
+        hint = hint_from_fix(msg)
+        if hint is None:
             self._warn("fix", f"ignoring GPS fix with status {msg.status.status} / non-finite position")
             return
-        cov = msg.position_covariance[0] if msg.position_covariance_type else float("nan")
-        sigma = math.sqrt(cov) if math.isfinite(cov) and cov > 0 else 10.0
         stamp = msg.header.stamp.sec + msg.header.stamp.nanosec * 1e-9
         with self.lock:
-            self.fix = (msg.latitude, msg.longitude, sigma, stamp)
+            self.fix = (*hint, stamp)
 
     def _process(self) -> None:
         with self.lock:
@@ -135,8 +138,7 @@ class LocalizerNode(Node):
             return
         start = time.perf_counter()
         try:
-            rgb = (decode_compressed(msg.data) if isinstance(msg, CompressedImage)
-                   else decode_raw(msg.encoding, msg.height, msg.width, msg.step, msg.data))
+            rgb = decode_image_message(msg)
         except ImageError as exc:
             self.stats["bad"] += 1
             self._warn("image", f"skipping frame: {exc}")
@@ -235,9 +237,7 @@ class LocalizerNode(Node):
         try:
             self._validate(new)
             self.localizer.set_reranker(new["reranker"], **yaml.safe_load(new["reranker_params"]))
-            self.localizer.settings = LocalizerSettings(top_k=min(new["top_k"], len(self.localizer.bundle)),
-                                                        pose_matches=new["pose_matches"],
-                                                        gps_radius_m=new["gps_radius_m"], device=new["device"])
+            self.localizer.settings = self._settings(new, len(self.localizer.bundle))
         except ValueError as exc:
             return SetParametersResult(successful=False, reason=str(exc))
         self.p = new

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .bag import STATUS_FIX, TYPESTORE, DriveTopics, decode_image_message, iter_bag, read_drive_bag
+from .bag import TYPESTORE, DriveTopics, iter_bag, read_drive_bag
 from .geo import latlon_to_utm, utm_to_latlon
-from .images import ImageError
-from .localizer import Localizer
+from .images import ImageError, decode_image_message
+from .localizer import Localizer, hint_from_fix
 from .metrics import localization_errors
 
 
@@ -37,15 +37,14 @@ def replay_bag(path: str | Path, localizer: Localizer, topics: DriveTopics = Dri
         msg = TYPESTORE.deserialize_cdr(raw, msgtype)
         stamp = int(msg.header.stamp.sec) * 1_000_000_000 + int(msg.header.stamp.nanosec)
         if topic == topics.gps:
-            if msg.status.status >= STATUS_FIX and math.isfinite(msg.latitude) and math.isfinite(msg.longitude):
-                cov = float(msg.position_covariance[0])
-                fix = (msg.latitude, msg.longitude, math.sqrt(cov) if cov > 0 else 10.0, stamp)
+            hint = hint_from_fix(msg)
+            fix = (*hint, stamp) if hint is not None else fix
             continue
         if stamp not in truth:
             skipped[stamp] = "no ground-truth pose with this stamp"
             continue
         try:
-            rgb = decode_image_message(msgtype, msg)
+            rgb = decode_image_message(msg)
         except ImageError as exc:
             skipped[stamp] = str(exc)
             continue

@@ -96,15 +96,21 @@ def travel_headings(easting: np.ndarray, northing: np.ndarray) -> np.ndarray:
     return (90.0 - np.degrees(np.arctan2(d[:, 1], d[:, 0]))) % 360.0
 
 
-def from_folder(folder: str | Path, heading_csv: str | Path | None = None) -> ImageSet:
-    """Photos in a folder (sorted by name = order of capture) with EXIF GPS. Headings: `heading_csv`
-    (name, compass heading) overrides, else EXIF GPSImgDirection, else the direction of travel."""
+def list_images(folder: str | Path) -> list[Path]:
+    """The .jpg/.jpeg/.png files of a folder, sorted by name; a missing or image-less folder is an error."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: no such folder")
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise ValueError(f"{folder}: no .jpg/.jpeg/.png images")
+    return files
+
+
+def from_folder(folder: str | Path, heading_csv: str | Path | None = None) -> ImageSet:
+    """Photos in a folder (sorted by name = order of capture) with EXIF GPS. Headings: `heading_csv`
+    (name, compass heading) overrides, else EXIF GPSImgDirection, else the direction of travel."""
+    files = list_images(folder)
     found, skipped = [], {}
     for path in files:
         gps = read_exif_gps(path)
