@@ -282,7 +282,7 @@ class StreetRenderer:
         rel = t.objects - cam
         forward = rel @ np.array([math.cos(yaw), math.sin(yaw)])
         right = rel @ np.array([math.sin(yaw), -math.cos(yaw)])
-        # In front, within the view, and at least a couple of pixels wide.
+        # In front, within 80 m, within the view, and at least ~8 pixels wide (2 * size * focal / distance).
         visible = np.flatnonzero((forward > 1.0) & (forward < np.minimum(80.0, self.focal * t.object_size / 4.0))
                                  & (np.abs(right) < forward * math.tan(math.radians(self.hfov_deg) / 2) + 6))
         items = [(forward[i], right[i], int(t.object_kind[i]), t.object_size[i], t.object_colour[i], i)
