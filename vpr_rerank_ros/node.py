@@ -3,6 +3,8 @@ diagnostics and (optionally) match markers out. A thin edge over `Localizer`.
 
 Latest frame wins: the image callback only stores the newest frame; a timer in its own callback group
 runs the pipeline, so a slow model never builds a backlog. Bad input is logged (throttled) and skipped.
+The timers run on the steady clock, so under `use_sim_time` a paused or slow /clock does not stall the
+pipeline; output stamps are the image stamps, and GPS fixes are aged against the image stamp.
 """
 from __future__ import annotations
 
@@ -10,7 +12,9 @@ import math
 import sys
 import threading
 import time
+from typing import Callable
 
+import cv2
 import numpy as np
 import rclpy
 import yaml
@@ -18,6 +22,7 @@ from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from geometry_msgs.msg import PoseWithCovarianceStamped
 from rcl_interfaces.msg import ParameterDescriptor, SetParametersResult
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
+from rclpy.clock import Clock, ClockType
 from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.node import Node
 from rclpy.qos import qos_profile_sensor_data
@@ -32,6 +37,7 @@ from .mapbuild import map_model
 from .mapdb import MapBundle, MapError
 
 LARGE_VARIANCE = 1e6   # unobserved axes (z, roll, pitch): "unknown", never zero
+COUNTERS = ("received", "processed", "dropped", "bad", "fixes", "bad_fixes")
 
 PARAMETERS = {  # name: (default, description); every one is documented in config/localize.yaml
     "map_path": ("", "map bundle directory (vpr-map build)"),
@@ -53,6 +59,35 @@ PARAMETERS = {  # name: (default, description); every one is documented in confi
 }
 
 
+def image_decoder() -> tuple[str, Callable[[Image | CompressedImage], np.ndarray]]:
+    """(name, conversion) of frames to (H, W, 3) uint8 RGB: cv_bridge's when it imports and converts a ROS 2
+    message (a real ROS install), else the NumPy one. Either raises ImageError for a frame it cannot convert."""
+    try:
+        from cv_bridge import CvBridge, CvBridgeError
+    except ImportError:
+        return "numpy", decode_image_message
+    bridge = CvBridge()
+
+    def convert(msg: Image | CompressedImage) -> np.ndarray:
+        try:
+            if isinstance(msg, CompressedImage):
+                rgb = bridge.compressed_imgmsg_to_cv2(msg, desired_encoding="rgb8")
+            else:
+                rgb = bridge.imgmsg_to_cv2(msg, desired_encoding="rgb8")
+        except (CvBridgeError, TypeError, ValueError, cv2.error) as exc:
+            raise ImageError(f"cv_bridge cannot convert it: {exc}") from exc
+        if not (isinstance(rgb, np.ndarray) and rgb.dtype == np.uint8 and rgb.ndim == 3 and rgb.shape[2] == 3
+                and rgb.size > 0):
+            raise ImageError(f"cv_bridge returned no (H, W, 3) uint8 image but {getattr(rgb, 'shape', rgb)}")
+        return rgb
+
+    try:   # ROS 1 builds of cv_bridge (Debian, PyPI) import fine but fail on ROS 2 messages
+        convert(Image(height=1, width=1, encoding="rgb8", step=3, data=bytes(3)))
+    except Exception as exc:
+        return f"numpy (cv_bridge unusable: {exc})", decode_image_message
+    return "cv_bridge", convert
+
+
 class LocalizerNode(Node):
     def __init__(self, **kwargs) -> None:
         super().__init__("vpr_localizer", **kwargs)
@@ -61,10 +96,12 @@ class LocalizerNode(Node):
         self.p = {name: self.get_parameter(name).value for name in PARAMETERS}
         self._validate(self.p)
         self.localizer = self._load_localizer()
+        self.conversion, self.decode = image_decoder()
         self.lock = threading.Lock()
-        self.latest = None          # (msg, receive time)
+        self.latest = None          # the newest frame not yet processed
         self.fix = None             # (lat, lon, sigma, stamp seconds)
-        self.stats = {"received": 0, "processed": 0, "dropped": 0, "bad": 0, "last_latency": {}}
+        self.stats = {**dict.fromkeys(COUNTERS, 0), "last_latency": {}, "gps": "no frame yet"}
+        self._rate_base = (time.monotonic(), 0, 0)   # (time, received, processed) at the last diagnostics
         self._warned = {}
         image_type, topic = (CompressedImage, "image/compressed") if self.p["compressed"] else (Image, "image")
         self.create_subscription(image_type, topic, self._on_image, qos_profile_sensor_data)
@@ -75,10 +112,13 @@ class LocalizerNode(Node):
         self.match_pub = self.create_publisher(MarkerArray, "~/matches", 10)
         self.create_service(Trigger, "~/reload_map", self._on_reload)
         self.add_on_set_parameters_callback(self._on_parameters)
-        self.create_timer(1.0 / self.p["rate_hz"], self._process, callback_group=MutuallyExclusiveCallbackGroup())
-        self.create_timer(1.0, self._diagnostics)
+        steady = Clock(clock_type=ClockType.STEADY_TIME)   # a compute budget, not ROS time (see module doc)
+        self.create_timer(1.0 / self.p["rate_hz"], self._process, callback_group=MutuallyExclusiveCallbackGroup(),
+                          clock=steady)
+        self.create_timer(1.0, self._diagnostics, clock=steady)
         self.get_logger().info(f"localising against {len(self.localizer.bundle)} map images with "
-                               f"{self.p['reranker']} on {self.localizer.device}")
+                               f"{self.p['reranker']} on {self.localizer.device}; images converted with "
+                               f"{self.conversion}")
 
     # ------------------------------------------------------------------ set-up
 
@@ -123,12 +163,17 @@ class LocalizerNode(Node):
 
     def _on_fix(self, msg: NavSatFix) -> None:
         hint = hint_from_fix(msg)
-        if hint is None:
-            self._warn("fix", f"ignoring GPS fix with status {msg.status.status} / non-finite position")
+        if hint is None or abs(hint[0]) > 90 or abs(hint[1]) > 180:
+            with self.lock:
+                self.stats["bad_fixes"] += 1
+            self._warn("fix", f"ignoring GPS fix with status {msg.status.status} at latitude {msg.latitude}, "
+                              f"longitude {msg.longitude}: a hint needs status >= 0 and a finite "
+                              "position within ±90° / ±180°")
             return
         stamp = msg.header.stamp.sec + msg.header.stamp.nanosec * 1e-9
         with self.lock:
             self.fix = (*hint, stamp)
+            self.stats["fixes"] += 1
 
     def _process(self) -> None:
         with self.lock:
@@ -138,24 +183,30 @@ class LocalizerNode(Node):
             return
         start = time.perf_counter()
         try:
-            rgb = decode_image_message(msg)
+            rgb = self.decode(msg)
         except ImageError as exc:
-            self.stats["bad"] += 1
+            with self.lock:
+                self.stats["bad"] += 1
             self._warn("image", f"skipping frame: {exc}")
             return
         stamp = msg.header.stamp.sec + msg.header.stamp.nanosec * 1e-9
-        hint = None
+        hint, gps_note = None, "no GPS fix received"
         if fix is not None and abs(stamp - fix[3]) <= self.p["gps_max_age_s"]:
             hint = fix[:3]
+        elif fix is not None:
+            gps_note = f"newest GPS fix is {abs(stamp - fix[3]):.1f} s from the image stamp: not used"
         try:
             result = self.localizer.localize(rgb, gps_hint=hint, stamp=stamp)
         except ValueError as exc:
-            self.stats["bad"] += 1
+            with self.lock:
+                self.stats["bad"] += 1
             self._warn("localize", f"skipping frame: {exc}")
             return
         self._publish(msg.header.stamp, result)
-        self.stats["processed"] += 1
-        self.stats["last_latency"] = {**result.timings, "total": time.perf_counter() - start}
+        with self.lock:
+            self.stats["processed"] += 1
+            self.stats["last_latency"] = {**result.timings, "total": time.perf_counter() - start}
+            self.stats["gps"] = result.gps_note if hint is not None else gps_note
 
     def _publish(self, stamp, result) -> None:
         table = self.localizer.bundle.table
@@ -207,15 +258,23 @@ class LocalizerNode(Node):
         return markers
 
     def _diagnostics(self) -> None:
+        with self.lock:
+            stats = dict(self.stats)
+        now = time.monotonic()
+        since, received, processed = self._rate_base
+        self._rate_base = (now, stats["received"], stats["processed"])
         status = DiagnosticStatus(name="vpr_localizer: pipeline", hardware_id=str(self.localizer.device))
-        status.level = DiagnosticStatus.OK if self.stats["processed"] else DiagnosticStatus.WARN
-        status.message = "localising" if self.stats["processed"] else "waiting for images"
+        status.level = DiagnosticStatus.OK if stats["processed"] else DiagnosticStatus.WARN
+        status.message = "localising" if stats["processed"] else "waiting for images"
         values = {"map_images": len(self.localizer.bundle), "reranker": self.p["reranker"],
-                  **{k: self.stats[k] for k in ("received", "processed", "dropped", "bad")},
-                  **{f"latency_{k}_ms": f"{v * 1e3:.1f}" for k, v in self.stats["last_latency"].items()}}
+                  "image_conversion": self.conversion, **{k: stats[k] for k in COUNTERS},
+                  "received_hz": f"{(stats['received'] - received) / (now - since):.2f}",
+                  "processed_hz": f"{(stats['processed'] - processed) / (now - since):.2f}",
+                  "gps": stats["gps"],
+                  **{f"latency_{k}_ms": f"{v * 1e3:.1f}" for k, v in stats["last_latency"].items()}}
         status.values = [KeyValue(key=k, value=str(v)) for k, v in values.items()]
         array = DiagnosticArray(status=[status])
-        array.header.stamp = self.get_clock().now().to_msg()
+        array.header.stamp = self.get_clock().now().to_msg()   # ROS time: /clock under use_sim_time
         self.diag_pub.publish(array)
 
     def _on_reload(self, request, response):

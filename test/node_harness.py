@@ -1,0 +1,123 @@
+"""Shared by the node tests: start `vpr_localizer` as a subprocess with a params file, and talk to it over DDS
+from an rclpy node in the test process (its own Context, so tests stay independent)."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import yaml
+
+
+def write_params(path: Path, **params) -> Path:
+    """A params file for the node, whatever its namespace (`/**`)."""
+    path.write_text(yaml.safe_dump({"/**": {"ros__parameters": params}}))
+    return path
+
+
+class NodeProcess:
+    """`python -m vpr_rerank_ros.node --ros-args --params-file PARAMS [ROS_ARGS]`, its output in a log file
+    (a pipe could fill up and block the node)."""
+
+    def __init__(self, params_file: Path, tmp_path: Path, *ros_args: str) -> None:
+        env = {**os.environ, "ROS_HOME": str(tmp_path / "ros_home"), "PYTHONUNBUFFERED": "1"}
+        self.log_path = tmp_path / f"node_{time.monotonic_ns()}.log"
+        with open(self.log_path, "w") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "vpr_rerank_ros.node", "--ros-args", "--params-file", str(params_file),
+                 *ros_args], env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def rss_kib(self) -> int:
+        """Resident set size of the node (VmRSS in /proc)."""
+        status = Path(f"/proc/{self.pid}/status").read_text()
+        return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:")))
+
+    def stop(self) -> int:
+        """SIGINT, as Ctrl-C would; killed if it does not exit within 20 s. Returns the exit code."""
+        if self.alive():
+            self.process.send_signal(signal.SIGINT)
+        try:
+            return self.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            return self.process.wait()
+
+
+class RosClient:
+    """A test-side rclpy node with a single-threaded executor in a private Context."""
+
+    def __init__(self, name: str = "node_test") -> None:
+        import rclpy
+        from rclpy.executors import SingleThreadedExecutor
+
+        self.context = rclpy.Context()
+        rclpy.init(context=self.context)
+        self.node = rclpy.create_node(name, context=self.context)
+        self.executor = SingleThreadedExecutor(context=self.context)
+        self.executor.add_node(self.node)
+
+    def spin_for(self, seconds: float) -> None:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            self.executor.spin_once(timeout_sec=min(0.05, max(0.0, end - time.monotonic())))
+
+    def spin_until(self, done: Callable[[], bool], timeout: float) -> bool:
+        end = time.monotonic() + timeout
+        while not done() and time.monotonic() < end:
+            self.executor.spin_once(timeout_sec=0.05)
+        return done()
+
+    def wait_for_subscriber(self, publisher, node: NodeProcess, timeout: float = 60.0) -> None:
+        """Until the node has subscribed to `publisher`'s topic; fails with the node's log if it died."""
+        end = time.monotonic() + timeout
+        while publisher.get_subscription_count() == 0:
+            assert node.alive(), node.log()
+            assert time.monotonic() < end, f"the node did not come up:\n{node.log()}"
+            self.executor.spin_once(timeout_sec=0.2)
+
+    def close(self) -> None:
+        import rclpy
+
+        self.executor.shutdown()
+        self.node.destroy_node()
+        rclpy.shutdown(context=self.context)
+
+
+def set_stamp(msg, seconds: float):
+    """Set the header stamp of `msg` to `seconds`; returns `msg`."""
+    msg.header.stamp.sec, msg.header.stamp.nanosec = int(seconds // 1), int(round(seconds % 1 * 1e9)) % 10**9
+    return msg
+
+
+def stamp_of(msg) -> float:
+    return msg.header.stamp.sec + msg.header.stamp.nanosec * 1e-9
+
+
+def image_msg(rgb: np.ndarray, stamp_s: float, encoding: str = "rgb8"):
+    """A sensor_msgs/Image of a 3-channel uint8 array."""
+    from sensor_msgs.msg import Image
+
+    msg = Image(height=rgb.shape[0], width=rgb.shape[1], encoding=encoding, step=rgb.shape[1] * 3)
+    msg.header.frame_id, msg.data = "camera", rgb.tobytes()
+    return set_stamp(msg, stamp_s)
+
+
+def diagnostics_values(array) -> dict[str, str]:
+    """The key/values of the node's pipeline status in a DiagnosticArray."""
+    status = next(s for s in array.status if s.name == "vpr_localizer: pipeline")
+    return {kv.key: kv.value for kv in status.values}
