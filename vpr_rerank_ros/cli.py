@@ -309,12 +309,9 @@ def eval_main(argv: list[str] | None = None) -> int:
 
 
 def replay_main(argv: list[str] | None = None) -> int:
-    """`vpr-replay BAG --map MAP`: localise a drive bag offline and score it against its ground truth."""
+    """`vpr-replay BAG --map MAP`: localise a drive bag and score it against its ground truth, offline through
+    the Localizer or, with --live, by playing it onto ROS topics with /clock to a running vpr_localizer node."""
     import csv
-
-    from .localizer import Localizer, LocalizerSettings
-    from .mapbuild import map_model
-    from .replay import format_report, replay_bag
 
     parser = argparse.ArgumentParser(prog="vpr-replay", description=replay_main.__doc__.split(":", 1)[1].strip())
     parser.add_argument("bag", help="ROS 2 bag directory (MCAP or SQLite) with camera, GPS and ground truth")
@@ -325,22 +322,64 @@ def replay_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-gps", action="store_true", help="ignore the bag's GPS fixes")
     parser.add_argument("--device", default="auto", help="cuda, cpu or auto (default)")
     parser.add_argument("--csv", help="write one row per frame (estimate, truth, error)")
+    live = parser.add_argument_group("live replay (--live)")
+    live.add_argument("--live", action="store_true",
+                      help="start the vpr_localizer node (use_sim_time) and play the bag to it with /clock")
+    live.add_argument("--rate", type=float, help="bag seconds per wall second (default 1)")
+    live.add_argument("--wait-for-node", action="store_true",
+                      help="hold the bag clock before each frame until the node answered the previous one, so a "
+                           "slow CPU still scores every frame (default: the node drops what it cannot keep up with)")
+    live.add_argument("--frame-timeout", type=float, help="seconds to wait for the node's answer to a frame "
+                                                           "(default 30)")
+    live.add_argument("--node-params", help="YAML parameter file for the node's other parameters")
     args = parser.parse_args(argv)
+    live_only = (args.rate, args.frame_timeout, args.node_params, args.wait_for_node or None)
+    if not args.live and any(v is not None for v in live_only):
+        parser.error("--rate, --wait-for-node, --frame-timeout and --node-params need --live")
     try:
-        bundle = MapBundle.load(args.map)
-        name, params = args.reranker
-        localizer = Localizer(bundle, map_model(bundle, args.model), name,
-                              LocalizerSettings(top_k=min(args.top_k, len(bundle)), device=args.device), params)
-        if localizer.reranker.learned and not localizer.reranker.trained:
-            print(f"vpr-replay: WARNING: {name} has no trained weights; its ranking is random", file=sys.stderr)
-        report = replay_bag(args.bag, localizer, use_gps=not args.no_gps)
-    except (MapError, OSError, ValueError) as exc:
+        report = _replay_live(args) if args.live else _replay_offline(args)
+    except (MapError, OSError, ValueError, RuntimeError) as exc:
         print(f"vpr-replay: {exc}", file=sys.stderr)
         return 1
-    print(format_report(report))
     if args.csv:
         with open(args.csv, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(report.rows[0]))
             writer.writeheader()
             writer.writerows(report.rows)
     return 0
+
+
+def _warn_if_untrained(reranker, name: str) -> None:
+    if reranker.learned and not reranker.trained:
+        print(f"vpr-replay: WARNING: {name} has no trained weights; its ranking is random", file=sys.stderr)
+
+
+def _replay_offline(args):
+    from .localizer import Localizer, LocalizerSettings
+    from .mapbuild import map_model
+    from .replay import format_report, replay_bag
+
+    bundle = MapBundle.load(args.map)
+    name, params = args.reranker
+    localizer = Localizer(bundle, map_model(bundle, args.model), name,
+                          LocalizerSettings(top_k=min(args.top_k, len(bundle)), device=args.device), params)
+    _warn_if_untrained(localizer.reranker, name)
+    report = replay_bag(args.bag, localizer, use_gps=not args.no_gps)
+    print(format_report(report))
+    return report
+
+
+def _replay_live(args):
+    from .live_replay import LiveSettings, NodeSetup, format_live_report, replay_live
+    from .rerank.base import build_reranker
+
+    name, params = args.reranker
+    _warn_if_untrained(build_reranker(name, **params), name)   # a bad name or parameter fails before the node starts
+    node = NodeSetup(map_path=args.map, model_path=args.model or "", reranker=name, reranker_params=params,
+                     top_k=args.top_k, device=args.device, params_file=args.node_params)
+    settings = LiveSettings(rate=1.0 if args.rate is None else args.rate, wait_for_node=args.wait_for_node,
+                            frame_timeout_s=30.0 if args.frame_timeout is None else args.frame_timeout,
+                            use_gps=not args.no_gps)
+    live = replay_live(args.bag, node, settings)
+    print(format_live_report(live))
+    return live.report

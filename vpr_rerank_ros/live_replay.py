@@ -1,0 +1,319 @@
+"""Live bag replay: the `vpr_localizer` node runs as a subprocess with `use_sim_time`, a drive bag's raw
+serialized camera and GPS messages are played onto its topics with `/clock` from the bag's timeline, and the
+poses and match markers the node publishes are matched to the ground truth by header stamp and scored with
+the offline replay's scoring (`replay.score_frames`).
+
+Pacing: the bag clock runs at `rate` × wall time. With `wait_for_node` it also holds just before each camera
+frame until the node has answered the previous one (or `frame_timeout_s` passed), so a slow CPU still scores
+every frame; without it, frames the node cannot keep up with are dropped by the node (latest frame wins), as
+they would be on a vehicle, and count as failures.
+"""
+from __future__ import annotations
+
+import importlib
+import itertools
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import rclpy
+import yaml
+from diagnostic_msgs.msg import DiagnosticArray
+from geometry_msgs.msg import PoseWithCovarianceStamped
+from rclpy.duration import Duration
+from rclpy.executors import SingleThreadedExecutor
+from rosgraph_msgs.msg import Clock
+from visualization_msgs.msg import MarkerArray
+
+from .bag import TYPESTORE, DriveTopics, iter_bag, read_drive_bag
+from .mapdb import MapBundle
+from .replay import FrameEstimate, ReplayReport, format_report, score_frames, truth_positions
+
+CLOCK_PERIOD_S = 0.025         # /clock is published about every 25 ms of wall time (40 Hz)
+NODE = "/vpr_localizer"        # the node's name, so its private topics are /vpr_localizer/pose, .../matches
+STAGES = ("descriptor", "retrieval", "reranking", "pose", "total")   # the node's latency_<stage>_ms values
+
+
+@dataclass(frozen=True)
+class NodeSetup:
+    """What the node is started with. `params_file` holds any other node parameters; the replay always sets
+    map_path, model_path, reranker, reranker_params, top_k, device, compressed (from the bag), output: utm
+    (the ground truth's frame), publish_matches: true (for Recall@k) and use_sim_time: true."""
+
+    map_path: str
+    model_path: str = ""
+    reranker: str = "none"
+    reranker_params: dict | None = None
+    top_k: int = 100
+    device: str = "auto"
+    params_file: str | None = None
+
+
+@dataclass(frozen=True)
+class LiveSettings:
+    rate: float = 1.0                 # bag seconds per wall second
+    wait_for_node: bool = False       # hold the bag clock until the node answered the previous frame
+    frame_timeout_s: float = 30.0     # wall seconds to wait for an answer (and for the node's last report)
+    startup_timeout_s: float = 180.0  # wall seconds for the node to load its map and subscribe
+    use_gps: bool = True              # play the bag's GPS fixes
+
+    def __post_init__(self) -> None:
+        if not (self.rate > 0 and self.frame_timeout_s > 0 and self.startup_timeout_s > 0):
+            raise ValueError("rate, frame_timeout_s and startup_timeout_s must be positive")
+
+
+@dataclass
+class LiveReport:
+    report: ReplayReport
+    sent: int                 # camera frames published
+    answered: int             # frames the node published a pose for
+    node_counts: dict         # received / processed / dropped / bad, from the node's last diagnostics
+    wall_s: float             # playback time, from the first message to the node's last report
+
+
+def format_live_report(live: LiveReport) -> str:
+    """The offline error table plus what happened on the wire."""
+    c = live.node_counts
+    return (format_report(live.report) + "\n"
+            f"frames sent {live.sent}, answered {live.answered}; node received {c.get('received', '?')}, "
+            f"processed {c.get('processed', '?')}, dropped {c.get('dropped', '?')} (latest frame wins), "
+            f"bad {c.get('bad', '?')}; playback {live.wall_s:.0f} s\n"
+            "latency: node stages from /diagnostics, end_to_end = image published -> pose received")
+
+
+def replay_live(bag: str | Path, node: NodeSetup, settings: LiveSettings = LiveSettings(),
+                topics: DriveTopics = DriveTopics()) -> LiveReport:
+    """Start the node, play the bag to it, score its poses. Raises RuntimeError when the node fails."""
+    drive = read_drive_bag(bag, topics, decode_images=False)
+    if drive.counts.get(topics.compressed):
+        camera, compressed = topics.compressed, True
+    elif drive.counts.get(topics.image):
+        camera, compressed = topics.image, False
+    else:
+        raise ValueError(f"{bag}: no camera frames on {topics.compressed} or {topics.image}")
+    zone = MapBundle.load(node.map_path, verify=False, use_gpu=False).table.zone   # a clear error before ROS
+    truth = truth_positions(drive.truth, zone)
+    messages = iter_bag(bag, {camera, topics.gps} if settings.use_gps else {camera})
+    first = next(messages)
+    with tempfile.TemporaryDirectory(prefix="vpr_replay_") as tmp, \
+            _NodeProcess(node, compressed, topics, Path(tmp)) as process:
+        context = rclpy.Context()
+        rclpy.init(args=[], context=context)
+        try:
+            player = _Player(context, process, camera, topics.gps, settings, start_ns=first[2])
+            player.wait_for_node(settings.startup_timeout_s)
+            start = time.monotonic()
+            player.play(itertools.chain([first], messages))
+            player.finish()
+            wall_s = time.monotonic() - start
+        finally:
+            rclpy.shutdown(context=context)
+    frames, skipped = [], {}
+    for stamp in player.sent:
+        if stamp not in truth:
+            skipped[stamp] = "no ground-truth pose with this stamp"
+            continue
+        x, y = player.poses.get(stamp, (float("nan"), float("nan")))
+        frames.append(FrameEstimate(stamp, x, y, player.matches.get(stamp, [])))
+    try:
+        report = score_frames(frames, truth, skipped, player.latency_ms())
+    except ValueError as exc:
+        raise ValueError(f"{bag}: {exc}") from None
+    answered = sum(stamp in player.poses for stamp in player.sent)
+    return LiveReport(report, len(player.sent), answered, player.node_counts(), wall_s)
+
+
+class _NodeProcess:
+    """`python -m vpr_rerank_ros.node --ros-args --params-file ...` with the bag's topics remapped; its
+    output goes to a log whose tail is quoted when it fails; stopped with SIGINT."""
+
+    def __init__(self, node: NodeSetup, compressed: bool, topics: DriveTopics, folder: Path) -> None:
+        params = {"map_path": str(node.map_path), "model_path": str(node.model_path or ""),
+                  "reranker": node.reranker,
+                  "reranker_params": yaml.safe_dump(node.reranker_params or {}, default_flow_style=True).strip(),
+                  "top_k": int(node.top_k), "device": node.device, "compressed": compressed, "output": "utm",
+                  "publish_matches": True, "use_sim_time": True}
+        params_path = folder / "replay_params.yaml"
+        params_path.write_text(yaml.safe_dump({"vpr_localizer": {"ros__parameters": params}}))
+        self.command = [sys.executable, "-m", "vpr_rerank_ros.node", "--ros-args",
+                        *(["--params-file", str(node.params_file)] if node.params_file else []),
+                        "--params-file", str(params_path), "-r", f"image:={topics.image}",
+                        "-r", f"image/compressed:={topics.compressed}", "-r", f"gps/fix:={topics.gps}"]
+        self.log_path = folder / "node.log"
+
+    def __enter__(self) -> "_NodeProcess":
+        self.log = open(self.log_path, "w")
+        self.process = subprocess.Popen(self.command, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                                        stdout=self.log, stderr=subprocess.STDOUT, text=True)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.log.close()
+
+    def check_alive(self) -> None:
+        if self.process.poll() is not None:
+            self.log.flush()
+            tail = self.log_path.read_text().strip().splitlines()[-10:]
+            raise RuntimeError(f"the vpr_localizer node exited with code {self.process.returncode}:\n"
+                               + "\n".join(tail))
+
+
+def _message_class(msgtype: str):
+    """The rclpy message class of a bag type name such as 'sensor_msgs/msg/NavSatFix'."""
+    package, _, name = msgtype.split("/")
+    return getattr(importlib.import_module(f"{package}.msg"), name)
+
+
+def _ns(stamp) -> int:
+    return int(stamp.sec) * 1_000_000_000 + int(stamp.nanosec)
+
+
+class _Player:
+    """The replay's own ROS node: publishes /clock and the bag's messages, collects the node's answers."""
+
+    def __init__(self, context, process: _NodeProcess, camera: str, gps: str, settings: LiveSettings,
+                 start_ns: int) -> None:
+        self.process, self.camera, self.gps, self.settings = process, camera, gps, settings
+        self.node = rclpy.create_node("vpr_replay", context=context)
+        self.executor = SingleThreadedExecutor(context=context)
+        self.executor.add_node(self.node)
+        self.clock_pub = self.node.create_publisher(Clock, "/clock", 10)
+        self.publishers = {}
+        self.sent = {}            # camera frame stamp -> wall time published
+        self.poses = {}           # stamp -> (easting, northing)
+        self.answer_wall = {}     # stamp -> wall time the pose arrived
+        self.matches = {}         # stamp -> [(easting, northing)] in rank order
+        self.diagnostics = []     # (stamp ns, {key: value}) of the node's pipeline status
+        self.pose_sub = self.node.create_subscription(PoseWithCovarianceStamped, f"{NODE}/pose", self._on_pose, 100)
+        self.node.create_subscription(MarkerArray, f"{NODE}/matches", self._on_matches, 100)
+        self.node.create_subscription(DiagnosticArray, "/diagnostics", self._on_diagnostics, 100)
+        self.sim_ns = start_ns    # the bag clock, ns, as last published
+        self.anchor = (start_ns, time.monotonic())   # the bag clock runs at the rate from this (ns, wall) pair
+
+    # ------------------------------------------------------------------ callbacks
+
+    def _on_pose(self, msg: PoseWithCovarianceStamped) -> None:
+        stamp = _ns(msg.header.stamp)
+        self.poses[stamp] = (msg.pose.pose.position.x, msg.pose.pose.position.y)
+        self.answer_wall[stamp] = time.monotonic()
+
+    def _on_matches(self, msg: MarkerArray) -> None:
+        if msg.markers:
+            ranked = sorted(msg.markers, key=lambda m: m.id)
+            self.matches[_ns(msg.markers[0].header.stamp)] = [(m.pose.position.x, m.pose.position.y) for m in ranked]
+
+    def _on_diagnostics(self, msg: DiagnosticArray) -> None:
+        for status in msg.status:
+            if status.name == "vpr_localizer: pipeline":
+                self.diagnostics.append((_ns(msg.header.stamp), {kv.key: kv.value for kv in status.values}))
+
+    # ------------------------------------------------------------------ playback
+
+    def _publisher(self, topic: str, msgtype: str):
+        if topic not in self.publishers:
+            self.publishers[topic] = self.node.create_publisher(_message_class(msgtype), topic, 10)
+        return self.publishers[topic]
+
+    def _tick(self, due_ns: int | None = None, hold_ns: int | None = None) -> None:
+        """Spin for one clock period (less when the bag clock reaches `due_ns` sooner), then publish the bag
+        clock. `hold_ns`: the clock stops there, and resumes from there once no longer held."""
+        timeout = CLOCK_PERIOD_S
+        if due_ns is not None:
+            timeout = min(timeout, max(0.0, (due_ns - self.sim_ns) / (self.settings.rate * 1e9)))
+        self.executor.spin_once(timeout_sec=timeout)
+        now = time.monotonic()
+        sim = self.anchor[0] + int((now - self.anchor[1]) * self.settings.rate * 1e9)
+        if hold_ns is not None and sim > hold_ns:
+            sim, self.anchor = hold_ns, (hold_ns, now)
+        self.sim_ns = max(self.sim_ns, sim)
+        clock = Clock()
+        clock.clock.sec, clock.clock.nanosec = divmod(self.sim_ns, 1_000_000_000)
+        self.clock_pub.publish(clock)
+        self.process.check_alive()
+
+    def wait_for_node(self, timeout_s: float) -> None:
+        """Until the node subscribes to the camera, GPS and /clock topics and publishes its pose (it loads its
+        map first), then half a second more for discovery to settle both ways."""
+        camera_type = "sensor_msgs/msg/" + ("CompressedImage" if self.camera.endswith("compressed") else "Image")
+        waiting = [self._publisher(self.camera, camera_type), self.clock_pub]
+        if self.settings.use_gps:
+            waiting.append(self._publisher(self.gps, "sensor_msgs/msg/NavSatFix"))
+        deadline = time.monotonic() + timeout_s
+        while min(p.get_subscription_count() for p in waiting) == 0 or self.pose_sub.get_publisher_count() == 0:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the vpr_localizer node did not subscribe within {timeout_s:.0f} s")
+            self._tick(hold_ns=self.sim_ns)
+        settle = time.monotonic() + 0.5
+        while time.monotonic() < settle:
+            self._tick(hold_ns=self.sim_ns)
+
+    def play(self, messages) -> None:
+        """Publish each message when the bag clock reaches its record time (holding for the node if asked)."""
+        outstanding = None        # (stamp, wall deadline) of the last frame, with wait_for_node
+        for topic, msgtype, t, raw in messages:
+            while True:
+                if outstanding and (outstanding[0] in self.poses or time.monotonic() > outstanding[1]):
+                    outstanding = None
+                if self.sim_ns >= t and outstanding is None:
+                    break
+                self._tick(due_ns=t, hold_ns=t - 1 if outstanding else None)
+            self._publisher(topic, msgtype).publish(raw)
+            if topic == self.camera:
+                stamp = _ns(TYPESTORE.deserialize_cdr(raw, msgtype).header.stamp)
+                self.sent[stamp] = time.monotonic()
+                if self.settings.wait_for_node:
+                    outstanding = (stamp, time.monotonic() + self.settings.frame_timeout_s)
+        if not self.sent:
+            raise ValueError("the bag has no camera frames to play")
+        for publisher in self.publishers.values():
+            publisher.wait_for_all_acked(Duration(seconds=5))
+
+    def finish(self) -> None:
+        """Run the clock on until the node reports, one diagnostics period after the last frame, that nothing is
+        pending and all its poses have arrived (or `frame_timeout_s` passed)."""
+        after = self.sim_ns + 1_000_000_000
+        deadline = time.monotonic() + self.settings.frame_timeout_s
+        while time.monotonic() < deadline:
+            self._tick()
+            if self.diagnostics and self.diagnostics[-1][0] >= after:
+                counts = self.node_counts()
+                pending = counts["received"] - counts["processed"] - counts["dropped"] - counts["bad"]
+                if pending == 0 and counts["processed"] <= len(self.poses):
+                    return
+        print(f"vpr-replay: WARNING: no final report from the node within {self.settings.frame_timeout_s:.0f} s",
+              file=sys.stderr)
+
+    # ------------------------------------------------------------------ results
+
+    def node_counts(self) -> dict:
+        if not self.diagnostics:
+            return {}
+        values = self.diagnostics[-1][1]
+        return {k: int(values[k]) for k in ("received", "processed", "dropped", "bad")}
+
+    def latency_ms(self) -> dict:
+        """Median per stage over the diagnostics that report a newly processed frame (the node reports its
+        last frame's latencies), and the median wall time from publishing a frame to receiving its pose."""
+        by_frame = {values["processed"]: values for _, values in self.diagnostics if values["processed"] != "0"}
+        latency = {}
+        for stage in STAGES:
+            samples = [float(v[f"latency_{stage}_ms"]) for v in by_frame.values() if f"latency_{stage}_ms" in v]
+            if samples:
+                latency[stage] = float(np.median(samples))
+        delays = [self.answer_wall[s] - self.sent[s] for s in self.sent if s in self.answer_wall]
+        if delays:
+            latency["end_to_end"] = float(np.median(delays)) * 1e3
+        return latency
