@@ -34,7 +34,8 @@ $(PKG_STAMP): $(DEPS_STAMP) $(PKG_SOURCES)
 test: setup
 	$(BIN)/python -m pytest
 
-# The offline pipeline end to end on a seeded synthetic town (the ROS 2 node joins it in a later issue).
+# The pipeline on a seeded synthetic town: map, retrieval, then the vpr_localizer node on a drive bag by live
+# replay (/clock, use_sim_time) once per training-free re-ranker, with the ROS environment exported above.
 demo: setup
 	$(BIN)/vpr-demo --out demo_output
 
