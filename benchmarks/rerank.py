@@ -1,7 +1,9 @@
 """Per-query re-ranking latency at the thesis sizes (K = 319 candidates + the query = 320 nodes, L = 127
 anchors + the query = 128, D = 4096) for every re-ranker, batch 1 and batch 32, on the CPU (and CUDA when
-present); and the positional affinity of the GNN computed three ways side by side: the map's precomputed
-overlap graph (what the node uses), the fast FoV path, and exact shapely polygons."""
+present), as the localizer runs them: candidates come from a 2000-image map the re-ranker is attached to
+(learned models then look up cached FC1 embeddings), overlaps from the map's overlap graph. The GNN also
+runs without the map cache, for comparison. Last, the positional affinity computed three ways side by side:
+the overlap graph lookup, the fast FoV path, and exact shapely polygons."""
 from __future__ import annotations
 
 import time
@@ -14,9 +16,11 @@ from vpr_rerank_ros.geo import OverlapGraph, fov_overlap
 from vpr_rerank_ros.rerank.base import build_reranker
 
 K, L, D = 319, 127, 4096
+MAP_SIZE = 2000
 RERANKERS = [("none", {}), ("aqe", {"k": 1}), ("alpha_qe", {"k": 1, "alpha": 1.0}),
              ("superglobal", {"P": 1, "beta": 0.6}), ("k_reciprocal", {}), ("gnn_knn", {}),
              ("fc", {}), ("gnn", {"layers": 1}), ("gnn", {"layers": 1, "positional": False}), ("gnn", {"layers": 2})]
+UNCACHED = ("gnn", {"layers": 1})   # also timed without the map's FC1 cache
 
 
 def best_time(fn, repeat: int) -> float:
@@ -29,44 +33,41 @@ def best_time(fn, repeat: int) -> float:
     return min(times)
 
 
-def batch(b: int, device: str, rng: np.random.Generator):
-    q = F.normalize(torch.randn(b, D), dim=1).to(device)
-    c = F.normalize(torch.randn(b, K, D), dim=2).to(device)
-    xy = rng.uniform(0, 300, (b, K, 2)) + [386000.0, 6174000.0]
-    poses = torch.from_numpy(np.concatenate([xy, rng.uniform(0, 360, (b, K, 1))], axis=2)).to(device)
-    return q, c, poses
-
-
 def main() -> None:
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads; K={K} candidates, L={L}, D={D}")
-    graph_poses = np.concatenate([rng.uniform(0, 300, (2000, 2)) + [386000.0, 6174000.0],
-                                  rng.uniform(0, 360, (2000, 1))], axis=1)
-    graph = OverlapGraph.build(graph_poses)
+    map_poses = np.concatenate([rng.uniform(0, 300, (MAP_SIZE, 2)) + [386000.0, 6174000.0],
+                                rng.uniform(0, 360, (MAP_SIZE, 1))], axis=1)
+    map_descriptors = F.normalize(torch.randn(MAP_SIZE, D), dim=1).numpy()
+    graph = OverlapGraph.build(map_poses)
     for device in devices:
         for b in (1, 32):
-            q, c, poses = batch(b, device, rng)
-            ids = rng.choice(len(graph_poses), (b, K), replace=False) if b == 1 else \
-                np.stack([rng.choice(len(graph_poses), K, replace=False) for _ in range(b)])
-            poses = torch.from_numpy(graph_poses[ids]).to(device)
-            for name, params in RERANKERS:
+            q = F.normalize(torch.randn(b, D), dim=1).to(device)
+            ids = np.stack([rng.choice(MAP_SIZE, K, replace=False) for _ in range(b)])
+            c = torch.from_numpy(map_descriptors[ids]).to(device)
+            poses = torch.from_numpy(map_poses[ids]).to(device)
+            for name, params, cached in [(n, p, True) for n, p in RERANKERS] + [(*UNCACHED, False)]:
                 reranker = build_reranker(name, **params).to(device).eval()
+                if cached:
+                    reranker.attach_map(map_descriptors)
+                rows = torch.from_numpy(ids).to(device) if cached else None
 
                 def run():
                     with torch.inference_mode():
                         overlaps = torch.from_numpy(np.stack([graph.lookup(r, r) for r in ids])).to(device)
-                        reranker(q, c, poses, overlaps)
+                        reranker(q, c, poses, overlaps, ids=rows)
                         if device == "cuda":
                             torch.cuda.synchronize()
 
                 per_query = best_time(run, 3 if b == 32 else 10) / b
-                label = name + (" " + ",".join(f"{k}={v}" for k, v in params.items()) if params else "")
+                label = name + (" " + ",".join(f"{k}={v}" for k, v in params.items()) if params else "") + \
+                    ("" if cached else " (no map cache)")
                 print(f"{device} batch {b:2d}  {label:40s} {per_query * 1e3:8.2f} ms/query")
     # Positional affinity of one query's candidates: K x L matrix three ways.
-    ids = rng.choice(len(graph_poses), K, replace=False)
-    p = graph_poses[ids]
+    ids = rng.choice(MAP_SIZE, K, replace=False)
+    p = map_poses[ids]
     t_graph = best_time(lambda: graph.lookup(ids, ids[:L]), 20)
     t_fast = best_time(lambda: fov_overlap(p[:, None], p[None, :L]), 5)
     t_exact = best_time(lambda: fov_overlap(p[:, None], p[None, :L], exact=True), 1)

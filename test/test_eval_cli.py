@@ -1,8 +1,15 @@
 """vpr-eval on a synthetic town: the Table 4.1 layout, result files, prediction files and the thesis grids."""
 import csv
+from pathlib import Path
 
-from vpr_rerank_ros.cli import eval_main
-from vpr_rerank_ros.datasets.msls import read_predictions
+import h5py
+import numpy as np
+import pytest
+
+from vpr_rerank_ros.cli import eval_main, map_main
+from vpr_rerank_ros.datasets.msls import load_side, read_predictions
+from vpr_rerank_ros.descriptors.extract import DescriptorExtractor
+from vpr_rerank_ros.mapbuild import map_model
 
 
 def test_vpr_eval_compares_rerankers(synthetic_map, tmp_path, capsys):
@@ -39,3 +46,66 @@ def test_vpr_eval_errors(synthetic_map, tmp_path, capsys):
     assert "needs at least L = 127 candidates, got 40" in capsys.readouterr().err
     assert eval_main(["--msls", str(root / "msls"), "--city", "nowhere", "--map", str(report.bundle.root)]) == 1
     assert "no such directory" in capsys.readouterr().err
+
+
+def write_h5(path, keys, descriptors, identity=None):
+    """A descriptor file as an external pipeline would write it: plain h5py, datasets keys and descriptors."""
+    with h5py.File(path, "w") as f:
+        f.create_dataset("keys", data=list(keys), dtype=h5py.string_dtype())
+        f.create_dataset("descriptors", data=descriptors)
+        if identity:
+            f.attrs["model_identity"] = identity
+
+
+def test_vpr_eval_and_vpr_map_with_precomputed_descriptors(synthetic_map, tmp_path, capsys):
+    """Descriptors from a file give the same table as describing the images with the map's model; a map can be
+    built from such a file too."""
+    root, report = synthetic_map
+    bundle = report.bundle
+    query = load_side(root / "msls", "synth0", "query")
+    described = DescriptorExtractor(map_model(bundle)).describe_files(
+        list(zip(query.keys, map(str, query.image_paths()))))
+    file = tmp_path / "descriptors.h5"
+    write_h5(file, [*described.keys, *bundle.table.keys],
+             np.concatenate([described.descriptors, np.asarray(bundle.descriptors, np.float32)]))
+    assert map_main(["build", "--msls", str(root / "msls"), "--cities", "synth0", "--descriptors", str(file),
+                     "--out", str(tmp_path / "map")]) == 0
+    assert "precomputed (descriptors.h5)" in capsys.readouterr().out
+    common = ["--msls", str(root / "msls"), "--city", "synth0", "-K", "40", "--config",
+              str(Path(__file__).resolve().parents[1] / "config" / "eval_rerankers.yaml")]
+    assert eval_main([*common, "--map", str(bundle.root), "--out", str(tmp_path / "described")]) == 0
+    assert eval_main([*common, "--map", str(tmp_path / "map"), "--descriptors", str(file),
+                      "--out", str(tmp_path / "precomputed")]) == 0
+    described_rows = list(csv.DictReader(open(tmp_path / "described" / "results.csv")))
+    precomputed_rows = list(csv.DictReader(open(tmp_path / "precomputed" / "results.csv")))
+    assert [r["reranker"] for r in described_rows] == ["none", "aqe", "alpha_qe", "superglobal", "k_reciprocal",
+                                                       "gnn_knn"]
+    for a, b in zip(described_rows, precomputed_rows):
+        assert a["reranker"] == b["reranker"]
+        for column in ("map@1", "map@10", "recall@20"):
+            assert float(a[column]) == pytest.approx(float(b[column]), abs=1e-6)
+
+
+def test_precomputed_descriptors_are_checked(synthetic_map, tmp_path, capsys):
+    root, report = synthetic_map
+    args = ["--msls", str(root / "msls"), "--city", "synth0", "--map", str(report.bundle.root), "-K", "20"]
+    rows = np.asarray(report.bundle.descriptors[:3], np.float32)
+    cases = [(["a", "b", "c"], rows, None, "no descriptor for 32 of 32 images"),
+             (["a"], rows, None, "'descriptors' is [3, "),
+             (["a", "b", "c"], rows * 2, None, "must be finite and L2-normalised"),
+             (["a", "b", "c"], rows[:, :8] / np.linalg.norm(rows[:, :8], axis=1, keepdims=True), None, "8-D"),
+             (["a", "b", "c"], rows, "f" * 64, "descriptors of model ffffffffffff")]
+
+    keys = list(load_side(root / "msls", "synth0", "query").keys)
+    for i, (names, data, identity, message) in enumerate(cases):
+        file = tmp_path / f"bad{i}.h5"
+        if message.startswith("no descriptor"):
+            write_h5(file, names, data, identity)
+        else:   # every query present, so the check under test is the one that fails
+            reps = np.resize(data, (len(keys), data.shape[1])) if len(names) == 3 else data
+            write_h5(file, keys if len(names) == 3 else names, reps, identity)
+        assert eval_main([*args, "--descriptors", str(file)]) == 1
+        assert message in capsys.readouterr().err, message
+    (tmp_path / "junk.h5").write_bytes(b"not hdf5")
+    assert eval_main([*args, "--descriptors", str(tmp_path / "junk.h5")]) == 1
+    assert "not a readable HDF5 file" in capsys.readouterr().err

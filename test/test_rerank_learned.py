@@ -109,6 +109,38 @@ def test_checkpoints_round_trip_and_refuse_mismatches(tmp_path):
         load_reranker(path)
 
 
+def test_attention_is_torch_multihead_attention():
+    model = small()
+    mine = model.layers[0].attention
+    reference = torch.nn.MultiheadAttention(24, 4, batch_first=True)
+    reference.load_state_dict(mine.state_dict())
+    x = torch.randn(2, 7, 24)
+    assert torch.allclose(mine(x), reference(x, x, x, need_weights=False)[0], atol=1e-6)
+
+
+def test_inference_shortcuts_are_exact_and_follow_weight_changes():
+    """Without autograd the first projection is folded into FC2 and map candidates come from the attached
+    FC1 cache: same scores as the plain path, also after the weights change."""
+    for name in ("gnn", "fc"):
+        model = small(name)
+        q, c, poses = inputs()
+        map_descriptors = c.reshape(-1, 32)
+        ids = torch.arange(36).reshape(3, 12)
+        plain = model(q, c, poses)                                   # autograd on: no shortcut taken
+        model.attach_map(map_descriptors.numpy())
+        with torch.inference_mode():
+            assert torch.allclose(model(q, c, poses, ids=ids), plain, atol=1e-5)
+            wrong_rows = model(q, c, poses, ids=ids.flip(1))          # proves the cache is what gets used
+        assert not torch.allclose(wrong_rows, plain, atol=1e-3)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.3 * torch.randn_like(p))                    # in place, like an optimiser step
+        changed = model(q, c, poses)
+        with torch.inference_mode():
+            assert torch.allclose(model(q, c, poses, ids=ids), changed, atol=1e-5)
+        assert not torch.allclose(changed, plain, atol=1e-3)
+
+
 @pytest.mark.parametrize("name", ["gnn", "fc", "csa"])
 def test_float16(name):
     model = small(name, **({} if name == "fc" else {"positional": name == "gnn"}))
@@ -123,5 +155,10 @@ def test_cuda_equals_cpu():
     model = small()
     q, c, poses = inputs()
     cpu = model(q, c, poses)
-    gpu = model.cuda()(q.cuda(), c.cuda(), poses.cuda())
+    model = model.cuda()
+    gpu = model(q.cuda(), c.cuda(), poses.cuda())
     assert torch.allclose(cpu, gpu.cpu(), atol=1e-4)
+    model.attach_map(c.reshape(-1, 32).numpy())                      # the inference shortcuts on CUDA
+    with torch.inference_mode():
+        fast = model(q.cuda(), c.cuda(), poses.cuda(), ids=torch.arange(36).reshape(3, 12).cuda())
+    assert torch.allclose(cpu, fast.cpu(), atol=1e-4)

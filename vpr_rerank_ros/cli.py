@@ -28,6 +28,8 @@ def map_main(argv: list[str] | None = None) -> int:
                           "default: fit the offline EfficientNet-Lite0 NetVLAD on these images")
     build.add_argument("--index", choices=("flat", "ivfpq"), default="flat", help="faiss index (default flat)")
     build.add_argument("--dtype", choices=("float32", "float16"), default="float32", help="stored descriptor type")
+    build.add_argument("--descriptors", help="HDF5 of precomputed descriptors keyed by image key (datasets keys, "
+                                             "descriptors) to use instead of describing the images")
     query = sub.add_parser("query", help="retrieve the top-k map images for a folder of query images")
     query.add_argument("map", help="map directory")
     query.add_argument("--images", required=True, help="folder of query images")
@@ -86,15 +88,16 @@ def _map_build(args) -> int:
     else:
         images = geotagged.from_msls(args.msls, resolve_cities(args.msls, args.cities))
     model = load_model(args.model) if args.model else None
-    if model is None:
+    if model is None and args.descriptors is None:
         print("vpr-map: fitting the offline EfficientNet-Lite0 NetVLAD on the map images "
               "(ImageNet features, not trained for place recognition)", file=sys.stderr)
     report = build_map(args.out, images, model, device=args.device, batch_size=args.batch_size,
                        workers=args.workers, index=IndexConfig(kind=args.index), dtype=args.dtype,
-                       overwrite=args.overwrite, progress=True)
+                       overwrite=args.overwrite, progress=True, descriptor_file=args.descriptors)
     for key, reason in report.skipped.items():
         print(f"skipped {key}: {reason}", file=sys.stderr)
-    print(f"{args.out}: {len(report.bundle)} images, {report.bundle.dim}-D {report.model.config.name} descriptors, "
+    print(f"{args.out}: {len(report.bundle)} images, {report.bundle.dim}-D {report.bundle.meta['descriptor']['name']} "
+          "descriptors, "
           f"UTM {report.bundle.table.zone}, {report.bundle.meta['overlap_pairs']} overlapping pairs")
     return 0
 
@@ -224,6 +227,19 @@ THESIS_GRID = {  # method.md §6: the thesis's parameter searches
 }
 
 
+def _query_descriptors(path: str, bundle: MapBundle, keys: list[str]):
+    """Precomputed query descriptors for `keys`, refused when they cannot be compared with the map's."""
+    from .descriptors.extract import read_descriptors
+
+    rows, identity = read_descriptors(path, keys)
+    expected = bundle.meta["descriptor"].get("identity")
+    if rows.shape[1] != bundle.dim:
+        raise ValueError(f"{path}: {rows.shape[1]}-D descriptors, the map holds {bundle.dim}-D")
+    if identity and expected and identity != expected:
+        raise ValueError(f"{path}: descriptors of model {identity[:12]}, the map was built with {expected[:12]}")
+    return rows
+
+
 def eval_main(argv: list[str] | None = None) -> int:
     """`vpr-eval`: re-rankers compared on an MSLS-layout dataset (thesis Table 4.1 layout)."""
     import csv
@@ -241,6 +257,8 @@ def eval_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--city", required=True, help="city whose query side is evaluated")
     parser.add_argument("--map", required=True, help="map built from that city's database side (vpr-map build --msls)")
     parser.add_argument("--model", help="descriptor weights, if the map does not store its model")
+    parser.add_argument("--descriptors", help="HDF5 of precomputed query descriptors keyed by image key (datasets "
+                                              "keys, descriptors) instead of describing the query images")
     parser.add_argument("--subtask", default="all", help="MSLS subtask of the queries (default all)")
     parser.add_argument("-K", "--top-k", type=int, default=100, help="candidates re-ranked per query (default 100)")
     parser.add_argument("--reranker", action="append", type=_reranker_spec, default=[],
@@ -261,7 +279,11 @@ def eval_main(argv: list[str] | None = None) -> int:
     try:
         bundle = MapBundle.load(args.map)
         query = load_side(args.msls, args.city, "query", args.subtask)
-        run = evaluate_queries(bundle, map_model(bundle, args.model), query, k=args.top_k)
+        if args.descriptors:
+            run = evaluate_queries(bundle, None, query, k=args.top_k,
+                                   descriptors=_query_descriptors(args.descriptors, bundle, list(query.keys)))
+        else:
+            run = evaluate_queries(bundle, map_model(bundle, args.model), query, k=args.top_k)
         rows = []
         for name, params in specs:
             reranker = build_reranker(name, **params)

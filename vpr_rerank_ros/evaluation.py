@@ -56,7 +56,8 @@ def evaluate_queries(bundle: MapBundle, model: GlobalDescriptor | None, query: M
 def rerank_run(bundle: MapBundle, run: RetrievalRun, reranker, batch_size: int = 32,
                device: str = "cpu") -> tuple[np.ndarray, dict]:
     """Re-rank a retrieval run's candidates: returns (ranked map ids (Q, K), metrics). Candidate descriptors,
-    poses and overlaps come from the map; queries go through the re-ranker in batches."""
+    poses and overlaps come from the map; queries go through the re-ranker in batches (the re-ranker is
+    attached to the map first)."""
     import torch
 
     from .rerank.base import rerank_order
@@ -66,6 +67,7 @@ def rerank_run(bundle: MapBundle, run: RetrievalRun, reranker, batch_size: int =
         raise ValueError("some queries have fewer candidates than K; use a smaller K")
     ranked = np.empty_like(ids)
     poses_all = bundle.table.poses
+    reranker.attach_map(bundle.descriptors)
     with torch.inference_mode():
         for start in range(0, len(ids), batch_size):
             block = ids[start:start + batch_size]
@@ -76,7 +78,8 @@ def rerank_run(bundle: MapBundle, run: RetrievalRun, reranker, batch_size: int =
             if reranker.uses_geometry:
                 poses = torch.from_numpy(poses_all[block]).to(device)
                 overlaps = torch.from_numpy(np.stack([bundle.overlap.lookup(row, row) for row in block])).to(device)
-            scores = reranker(query.to(device), candidates.to(device), poses, overlaps)
+            scores = reranker(query.to(device), candidates.to(device), poses, overlaps,
+                              ids=torch.from_numpy(block).to(device))
             ranked[start:start + batch_size] = np.take_along_axis(block, rerank_order(scores).cpu().numpy(), 1)
     ks = tuple(x for x in (1, 5, 10, 20) if x <= ids.shape[1])
     return ranked, retrieval_metrics(ranked, run.positives, ks=ks)

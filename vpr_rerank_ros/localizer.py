@@ -94,9 +94,11 @@ class Localizer:
         self.set_reranker(reranker, **(reranker_params or {}))
 
     def set_reranker(self, reranker: Reranker | str, **params) -> None:
-        """Swap the re-ranker (e.g. from a parameter callback)."""
-        self.reranker = (build_reranker(reranker, **params) if isinstance(reranker, str) else reranker)
-        self.reranker = self.reranker.to(self.device).eval()
+        """Swap the re-ranker (e.g. from a parameter callback); it precomputes what it needs of the map."""
+        reranker = build_reranker(reranker, **params) if isinstance(reranker, str) else reranker
+        reranker = reranker.to(self.device).eval()
+        reranker.attach_map(self.bundle.descriptors)
+        self.reranker = reranker
 
     def localize(self, image: np.ndarray, gps_hint: tuple[float, float, float] | None = None,
                  heading_hint: float | None = None, stamp: float | None = None) -> Localization:
@@ -149,7 +151,8 @@ class Localizer:
                 if heading_hint is not None:
                     heading = torch.tensor([float(heading_hint)], device=self.device)
             scores = self.reranker(torch.from_numpy(descriptor).to(self.device),
-                                   torch.from_numpy(candidates)[None].to(self.device), poses, overlaps, heading)
+                                   torch.from_numpy(candidates)[None].to(self.device), poses, overlaps, heading,
+                                   torch.from_numpy(ids)[None].to(self.device))
             return rerank_order(scores)[0].cpu().numpy()
 
     def _pose(self, ids, similarities, gps_used, fallback, note, stamp) -> Localization:

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from .datasets.geotagged import ImageSet, read_exif_gps
-from .descriptors.extract import DescriptorExtractor
+from .descriptors.extract import DescriptorExtractor, read_descriptors
 from .descriptors.loaders import load_model
 from .descriptors.model import GlobalDescriptor, load_native, save_model
 from .descriptors.offline import fit_offline_model
@@ -25,15 +25,25 @@ MODEL_CONFIG = "model.json"
 @dataclass
 class BuildReport:
     bundle: MapBundle
-    model: GlobalDescriptor
+    model: GlobalDescriptor | None   # None for a map of precomputed descriptors
     skipped: dict            # key -> reason (no GPS, unreadable image)
 
 
 def build_map(out: str | Path, images: ImageSet, model: GlobalDescriptor | None = None, device: str | None = None,
               batch_size: int = 8, workers: int = 0, index: IndexConfig = IndexConfig(), dtype: str = "float32",
-              overwrite: bool = False, progress: bool = False) -> BuildReport:
+              overwrite: bool = False, progress: bool = False,
+              descriptor_file: str | Path | None = None) -> BuildReport:
     """Describe the images and write the map. Without `model`, the offline default is fitted on these
-    images and stored in the map (it is map-specific); with a model, only its identity is recorded."""
+    images and stored in the map (it is map-specific); with a model, only its identity is recorded. With
+    `descriptor_file` (HDF5 keyed by image key, see `read_descriptors`), its rows are used as they are."""
+    if descriptor_file is not None:
+        if model is not None:
+            raise ValueError("give a descriptor model or a file of precomputed descriptors, not both")
+        rows, identity = read_descriptors(descriptor_file, list(images.table.keys))
+        descriptor = {"kind": "precomputed", "name": f"precomputed ({Path(descriptor_file).name})",
+                      "identity": identity, "stored_model": False}
+        bundle = MapBundle.build(out, images.table, rows, descriptor, index=index, dtype=dtype, overwrite=overwrite)
+        return BuildReport(bundle=bundle, model=None, skipped=dict(images.skipped))
     offline = model is None
     extraction = None
     if offline:

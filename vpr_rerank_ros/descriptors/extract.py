@@ -1,6 +1,7 @@
 """Batched descriptor extraction: images from files (a DataLoader with workers) or arrays, on CUDA when
 available (optionally fp16 autocast) else CPU; images of one size are batched together; unreadable images
-are reported and skipped. `DescriptorStore` is a resumable HDF5 file of descriptors keyed by image key."""
+are reported and skipped. `DescriptorStore` is a resumable HDF5 file of descriptors keyed by image key;
+`read_descriptors` reads such a file, whoever wrote it (e.g. an external pipeline's precomputed descriptors)."""
 from __future__ import annotations
 
 import logging
@@ -166,3 +167,34 @@ class DescriptorStore:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def read_descriptors(path: str | Path, keys: Sequence[str]) -> tuple[np.ndarray, str | None]:
+    """(len(keys), D) float32 rows of an HDF5 descriptor file for `keys`, in that order, and the model identity
+    the file records (None if none). The file holds a string dataset `keys` and an (N, D) float dataset
+    `descriptors` of L2-normalised rows (the `DescriptorStore` layout); anything else is refused by name."""
+    path = Path(path)
+    try:
+        file = h5py.File(path, "r")
+    except OSError as exc:
+        raise ValueError(f"{path}: not a readable HDF5 file ({exc})") from exc
+    with file:
+        if "keys" not in file or "descriptors" not in file:
+            raise ValueError(f"{path}: needs datasets 'keys' and 'descriptors', has {sorted(file)}")
+        stored = [k.decode() if isinstance(k, bytes) else str(k) for k in file["keys"][:]]
+        data = file["descriptors"]
+        if data.ndim != 2 or data.shape[0] != len(stored):
+            raise ValueError(f"{path}: 'descriptors' is {list(data.shape)} for {len(stored)} keys")
+        row = {k: i for i, k in enumerate(stored)}
+        missing = [k for k in keys if k not in row]
+        if missing:
+            raise ValueError(f"{path}: no descriptor for {len(missing)} of {len(keys)} images, e.g. {missing[:3]}")
+        unique, inverse = np.unique(np.array([row[k] for k in keys], np.int64), return_inverse=True)
+        rows = np.asarray(data[unique] if len(unique) else np.zeros((0, data.shape[1])), np.float32)[inverse]
+        identity = file.attrs.get("model_identity")
+    norms = np.linalg.norm(rows, axis=1)
+    bad = np.flatnonzero(~np.isfinite(norms) | (np.abs(norms - 1.0) > 1e-3))
+    if bad.size:
+        raise ValueError(f"{path}: descriptors must be finite and L2-normalised; {keys[bad[0]]!r} has norm "
+                         f"{norms[bad[0]]:.4f} ({bad.size} such rows)")
+    return rows, (str(identity) if identity is not None else None)

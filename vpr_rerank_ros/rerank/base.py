@@ -1,11 +1,12 @@
 """The re-ranking interface and the registry of re-rankers by name.
 
 A re-ranker maps a batch of queries and their initially retrieved candidates to new scores:
-    scores = reranker(query, candidates, poses=None, overlaps=None, query_heading=None)
+    scores = reranker(query, candidates, poses=None, overlaps=None, query_heading=None, ids=None)
 with `query` (B, D) and `candidates` (B, K, D) L2-normalised, in initial retrieval order; `poses` (B, K, 3)
 = (easting, northing, grid heading deg) of the candidates; `overlaps` (B, K, K) their positional affinities
-when the map has them precomputed; `query_heading` (B,) degrees (NaN = unknown). It returns (B, K) scores,
-higher is better; the new order is a stable descending sort (`rerank_order`).
+when the map has them precomputed; `query_heading` (B,) degrees (NaN = unknown); `ids` (B, K) the candidates'
+map rows, which let a re-ranker use what it precomputed for the whole map (`attach_map`). It returns (B, K)
+scores, higher is better; the new order is a stable descending sort (`rerank_order`).
 """
 from __future__ import annotations
 
@@ -34,7 +35,8 @@ class Reranker(nn.Module):
     uses_geometry = False   # whether `poses` / `overlaps` / `query_heading` affect the scores
 
     def forward(self, query: torch.Tensor, candidates: torch.Tensor, poses: torch.Tensor | None = None,
-                overlaps: torch.Tensor | None = None, query_heading: torch.Tensor | None = None) -> torch.Tensor:
+                overlaps: torch.Tensor | None = None, query_heading: torch.Tensor | None = None,
+                ids: torch.Tensor | None = None) -> torch.Tensor:
         if query.dim() != 2 or candidates.dim() != 3 or candidates.shape[0] != query.shape[0] \
                 or candidates.shape[2] != query.shape[1]:
             raise ValueError(f"expected query (B, D) and candidates (B, K, D), got {tuple(query.shape)} and "
@@ -43,10 +45,15 @@ class Reranker(nn.Module):
             raise ValueError(f"poses must be (B, K, 3), got {tuple(poses.shape)}")
         if overlaps is not None and overlaps.shape != (candidates.shape[0], candidates.shape[1], candidates.shape[1]):
             raise ValueError(f"overlaps must be (B, K, K), got {tuple(overlaps.shape)}")
-        return self.score(query, candidates, poses, overlaps, query_heading)
+        if ids is not None and ids.shape != candidates.shape[:2]:
+            raise ValueError(f"ids must be (B, K), got {tuple(ids.shape)}")
+        return self.score(query, candidates, poses, overlaps, query_heading, ids)
 
-    def score(self, query, candidates, poses, overlaps, query_heading) -> torch.Tensor:
+    def score(self, query, candidates, poses, overlaps, query_heading, ids) -> torch.Tensor:
         raise NotImplementedError
+
+    def attach_map(self, descriptors: torch.Tensor) -> None:
+        """Precompute whatever depends only on the map's (N, D) descriptors; most re-rankers need nothing."""
 
 
 def build_reranker(name: str, **params) -> Reranker:

@@ -17,7 +17,7 @@ def _check_positive(name: str, value, minimum=1):
 class NoRerank(Reranker):
     """The initial similarities (the retrieval order, up to exact ties)."""
 
-    def score(self, query, candidates, poses, overlaps, query_heading):
+    def score(self, query, candidates, poses, overlaps, query_heading, ids):
         return torch.einsum("bd,bkd->bk", query, candidates)
 
 
@@ -30,7 +30,7 @@ class AverageQueryExpansion(Reranker):
         _check_positive("k", k)
         self.k = int(k)
 
-    def score(self, query, candidates, poses, overlaps, query_heading):
+    def score(self, query, candidates, poses, overlaps, query_heading, ids):
         expanded = (query + candidates[:, :self.k].sum(1)) / (1 + min(self.k, candidates.shape[1]))
         return torch.einsum("bd,bkd->bk", F.normalize(expanded, dim=1), candidates)
 
@@ -45,7 +45,7 @@ class AlphaQueryExpansion(Reranker):
         _check_positive("alpha", alpha, 0)
         self.k, self.alpha = int(k), float(alpha)
 
-    def score(self, query, candidates, poses, overlaps, query_heading):
+    def score(self, query, candidates, poses, overlaps, query_heading, ids):
         top = candidates[:, :self.k]
         weights = torch.einsum("bd,bkd->bk", query, top).clamp_min(0) ** self.alpha
         expanded = query + torch.einsum("bk,bkd->bd", weights, top)
@@ -64,7 +64,7 @@ class SuperGlobal(Reranker):
         _check_positive("beta", beta, 0)
         self.P, self.beta = int(P), float(beta)
 
-    def score(self, query, candidates, poses, overlaps, query_heading):
+    def score(self, query, candidates, poses, overlaps, query_heading, ids):
         n = min(self.P + 1, candidates.shape[1])
         sim = cosine(candidates, candidates)                                  # (B, K, K)
         values, index = sim.topk(n, dim=2)                                    # self first

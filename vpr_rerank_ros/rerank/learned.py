@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -56,17 +57,43 @@ class GnnConfig:
         return (self.L + 1) + (self.L if self.positional else 0) + (1 if self.heading else 0)
 
 
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with nn.MultiheadAttention's parameters and names (in_proj_weight,
+    in_proj_bias, out_proj); `qkv` lets the caller pass the input projection already computed."""
+
+    def __init__(self, width: int, heads: int, dropout: float) -> None:
+        super().__init__()
+        self.heads, self.dropout = heads, dropout
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
+        self.out_proj = nn.Linear(width, width)
+        nn.init.xavier_uniform_(self.in_proj_weight)
+        nn.init.zeros_(self.out_proj.bias)
+
+    def forward(self, x: torch.Tensor, qkv: torch.Tensor | None = None) -> torch.Tensor:
+        if qkv is None:
+            qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
+        b, n, _ = qkv.shape
+        q, k, v = qkv.view(b, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4)         # each (B, heads, N, width/heads)
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
+        return self.out_proj(out.transpose(1, 2).reshape(b, n, -1))
+
+
 class GnnLayer(nn.Module):
     """M = MultiHead(X, X, X); x <- x + MLP(x + M) (thesis eq. 3.5)."""
 
     def __init__(self, width: int, heads: int, mlp: int, dropout: float) -> None:
         super().__init__()
-        self.attention = nn.MultiheadAttention(width, heads, dropout=dropout, batch_first=True)
+        self.attention = SelfAttention(width, heads, dropout)
         self.mlp = nn.Sequential(nn.Linear(width, mlp), nn.GELU(), nn.Linear(mlp, width))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        message = self.attention(x, x, x, need_weights=False)[0]
-        return x + self.mlp(x + message)
+    def forward(self, x: torch.Tensor, qkv: torch.Tensor | None = None) -> torch.Tensor:
+        return x + self.mlp(x + self.attention(x, qkv))
+
+
+def _versions(*tensors: torch.Tensor) -> tuple:
+    """In-place updates (load_state_dict, optimiser steps) bump a tensor's version: a cache key for derived weights."""
+    return tuple(t._version for t in tensors)
 
 
 class LearnedReranker(Reranker):
@@ -96,6 +123,13 @@ class LearnedReranker(Reranker):
             self.layers = nn.ModuleList(GnnLayer(c.width, c.heads, c.mlp, c.dropout) for _ in range(c.layers))
         if c.variant == "csa":  # maps refined descriptors back to affinity space, for the CSA loss's MSE term
             self.head = nn.Sequential(nn.Linear(c.width, c.width), nn.GELU(), nn.Linear(c.width, c.L + 1))
+        # Inference caches (not saved, moved with the module): FC1 of every map image (attach_map) and the
+        # first layer's input projection folded into FC2; each is used only while the weights it came from
+        # are unchanged.
+        self.register_buffer("map_embeddings", None, persistent=False)
+        self.register_buffer("folded_weight", None, persistent=False)
+        self.register_buffer("folded_bias", None, persistent=False)
+        self._map_key = self._fold_key = None
         self.trained = weights is not None
         if weights is not None:
             tensors = read_tensors(weights)
@@ -109,12 +143,33 @@ class LearnedReranker(Reranker):
         """FC1 + L2 (identity + L2 for csa)."""
         return F.normalize(self.fc1(descriptors) if self.fc1 is not None else descriptors, dim=-1)
 
-    def node_features(self, query, candidates, poses, overlaps, query_heading) -> torch.Tensor:
+    def attach_map(self, descriptors: np.ndarray, chunk: int = 4096) -> None:
+        """Embed every map descriptor once (FC1 is a fifth of a 1-layer GNN's work per query); later calls
+        with `ids` look the candidates up instead of embedding them."""
+        self._check_dim(descriptors.shape[1])
+        if self.fc1 is None:
+            return
+        weight = self.fc1.weight
+        with torch.no_grad():
+            rows = [self.embed(torch.from_numpy(np.array(descriptors[i:i + chunk], np.float32))
+                               .to(weight.device, weight.dtype)) for i in range(0, len(descriptors), chunk)]
+        self.map_embeddings = torch.cat(rows) if rows else None
+        self._map_key = _versions(self.fc1.weight, self.fc1.bias)
+
+    def embed_nodes(self, query: torch.Tensor, candidates: torch.Tensor, ids: torch.Tensor | None) -> torch.Tensor:
+        """(B, K+1, hidden) embeddings of the query and the candidates, the latter from the map cache when
+        `ids` are given and the cache is current."""
+        if ids is not None and self.map_embeddings is not None and \
+                self._map_key == _versions(self.fc1.weight, self.fc1.bias):
+            return torch.cat([self.embed(query).unsqueeze(1), self.map_embeddings[ids].to(query.dtype)], dim=1)
+        return self.embed(torch.cat([query.unsqueeze(1), candidates], dim=1))
+
+    def node_features(self, query, candidates, poses, overlaps, query_heading, ids=None) -> torch.Tensor:
         """(B, K+1, node_features) affinity features of the query (row 0) and the candidates."""
         c = self.config
         if candidates.shape[1] < c.L:
             raise ValueError(f"the {c.variant} model needs at least L = {c.L} candidates, got {candidates.shape[1]}")
-        nodes = self.embed(torch.cat([query.unsqueeze(1), candidates], dim=1))
+        nodes = self.embed_nodes(query, candidates, ids)
         parts = [cosine(nodes, nodes[:, :c.L + 1])]                                    # visual affinity
         if c.positional:
             if overlaps is None and poses is None:
@@ -139,21 +194,39 @@ class LearnedReranker(Reranker):
         known = torch.where(torch.isnan(heading), torch.full_like(heading, 0.5), torch.ones_like(heading))
         return torch.cat([known, affinity], dim=1).unsqueeze(-1).to(nodes.dtype)
 
-    def refine(self, query, candidates, poses=None, overlaps=None, query_heading=None) -> torch.Tensor:
+    def refine(self, query, candidates, poses=None, overlaps=None, query_heading=None, ids=None) -> torch.Tensor:
         """(B, K+1, width) L2-normalised refined node descriptors (row 0 = query)."""
-        x = self.fc2(self.input_dropout(self.node_features(query, candidates, poses, overlaps, query_heading)))
-        for layer in self.layers:
-            x = layer(x)
+        features = self.input_dropout(self.node_features(query, candidates, poses, overlaps, query_heading, ids))
+        x, qkv = self.fc2(features), None
+        if not self.training and not torch.is_grad_enabled():
+            qkv = F.linear(features, *self._folded_first_projection())
+        for i, layer in enumerate(self.layers):
+            x = layer(x, qkv if i == 0 else None)
         return F.normalize(x, dim=-1)
 
-    def score(self, query, candidates, poses, overlaps, query_heading):
-        if query.shape[1] != self.config.dim:
+    def _folded_first_projection(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """FC2 followed by the first layer's q/k/v projection is one affine map from the node features
+        (2L+1 -> 3 x width instead of width -> 3 x width): a third of that projection's work, exact up to
+        rounding. Recomputed whenever the weights change."""
+        attention = self.layers[0].attention
+        sources = (attention.in_proj_weight, attention.in_proj_bias, self.fc2.weight, self.fc2.bias)
+        if self.folded_weight is None or self._fold_key != _versions(*sources):
+            self.folded_weight = attention.in_proj_weight @ self.fc2.weight
+            self.folded_bias = attention.in_proj_weight @ self.fc2.bias + attention.in_proj_bias
+            self._fold_key = _versions(*sources)
+        return self.folded_weight, self.folded_bias
+
+    def _check_dim(self, dim: int) -> None:
+        if dim != self.config.dim:
             raise ValueError(f"the {self.config.variant} model expects {self.config.dim}-D descriptors (its `dim`), "
-                             f"got {query.shape[1]}-D")
+                             f"got {dim}-D")
+
+    def score(self, query, candidates, poses, overlaps, query_heading, ids):
+        self._check_dim(query.shape[1])
         if self.config.variant == "fc":
-            q, c = self.embed(query), self.embed(candidates)
-            return torch.einsum("bd,bkd->bk", q, c)
-        refined = self.refine(query, candidates, poses, overlaps, query_heading)
+            nodes = self.embed_nodes(query, candidates, ids)
+            return torch.einsum("bd,bkd->bk", nodes[:, 0], nodes[:, 1:])
+        refined = self.refine(query, candidates, poses, overlaps, query_heading, ids)
         return torch.einsum("bd,bkd->bk", refined[:, 0], refined[:, 1:])
 
 

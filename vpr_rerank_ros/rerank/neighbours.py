@@ -31,7 +31,7 @@ class KReciprocal(Reranker):
             raise ValueError(f"need k1 >= 1, k2 >= 1 and 0 <= lambda_value <= 1, got {k1}, {k2}, {lambda_value}")
         self.k1, self.k2, self.lambda_value = int(k1), int(k2), float(lambda_value)
 
-    def score(self, query, candidates, poses, overlaps, query_heading):
+    def score(self, query, candidates, poses, overlaps, query_heading, ids):
         dtype = query.dtype
         x = _graph(query, candidates).float()
         n = x.shape[1]
@@ -69,7 +69,7 @@ class GnnKnn(Reranker):
             raise ValueError(f"need k1, k2, layers >= 1, got {k1}, {k2}, {layers}")
         self.k1, self.k2, self.alpha, self.layers = int(k1), int(k2), float(alpha), int(layers)
 
-    def score(self, query, candidates, poses, overlaps, query_heading):
+    def score(self, query, candidates, poses, overlaps, query_heading, ids):
         dtype = query.dtype
         x = _graph(query, candidates).float()
         n = x.shape[1]
