@@ -23,6 +23,7 @@ from geometry_msgs.msg import PoseWithCovarianceStamped
 from rcl_interfaces.msg import ParameterDescriptor, SetParametersResult
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.clock import Clock, ClockType
+from rclpy.event_handler import SubscriptionEventCallbacks, UnsupportedEventTypeError
 from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.node import Node
 from rclpy.qos import qos_profile_sensor_data
@@ -37,7 +38,7 @@ from .mapbuild import map_model
 from .mapdb import MapBundle, MapError
 
 LARGE_VARIANCE = 1e6   # unobserved axes (z, roll, pitch): "unknown", never zero
-COUNTERS = ("received", "processed", "dropped", "bad", "fixes", "bad_fixes")
+COUNTERS = ("received", "lost", "processed", "dropped", "bad", "fixes", "bad_fixes")
 
 PARAMETERS = {  # name: (default, description); every one is documented in config/localize.yaml
     "map_path": ("", "map bundle directory (vpr-map build)"),
@@ -104,7 +105,11 @@ class LocalizerNode(Node):
         self._rate_base = (time.monotonic(), 0, 0)   # (time, received, processed) at the last diagnostics
         self._warned = {}
         image_type, topic = (CompressedImage, "image/compressed") if self.p["compressed"] else (Image, "image")
-        self.create_subscription(image_type, topic, self._on_image, qos_profile_sensor_data)
+        try:
+            self.create_subscription(image_type, topic, self._on_image, qos_profile_sensor_data,
+                                     event_callbacks=SubscriptionEventCallbacks(message_lost=self._on_lost))
+        except UnsupportedEventTypeError:   # a middleware that cannot report lost messages: "lost" stays 0
+            self.create_subscription(image_type, topic, self._on_image, qos_profile_sensor_data)
         self.create_subscription(NavSatFix, "gps/fix", self._on_fix, qos_profile_sensor_data)
         self.pose_pub = self.create_publisher(PoseWithCovarianceStamped, "~/pose", 10)
         self.fix_pub = self.create_publisher(NavSatFix, "~/fix", 10)
@@ -160,6 +165,10 @@ class LocalizerNode(Node):
                 self.stats["dropped"] += 1          # replaced before it was processed: latest frame wins
             self.latest = msg
             self.stats["received"] += 1
+
+    def _on_lost(self, info) -> None:
+        with self.lock:
+            self.stats["lost"] = info.total_count   # frames the middleware lost before they reached the node
 
     def _on_fix(self, msg: NavSatFix) -> None:
         hint = hint_from_fix(msg)
