@@ -98,9 +98,17 @@ class RosClient:
         rclpy.shutdown(context=self.context)
 
 
+def time_msg(seconds: float):
+    """builtin_interfaces/Time of `seconds`."""
+    from builtin_interfaces.msg import Time
+
+    sec, nanosec = divmod(round(seconds * 1e9), 10**9)
+    return Time(sec=sec, nanosec=nanosec)
+
+
 def set_stamp(msg, seconds: float):
     """Set the header stamp of `msg` to `seconds`; returns `msg`."""
-    msg.header.stamp.sec, msg.header.stamp.nanosec = int(seconds // 1), int(round(seconds % 1 * 1e9)) % 10**9
+    msg.header.stamp = time_msg(seconds)
     return msg
 
 
