@@ -16,7 +16,7 @@ from vpr_rerank_ros.datasets.msls import load_city
 from vpr_rerank_ros.images import RAW_ENCODINGS, ImageError, decode_image_message, encode_jpeg, read_rgb
 from vpr_rerank_ros.localizer import hint_from_fix
 
-pytestmark = pytest.mark.ros
+pytestmark = [pytest.mark.ros, pytest.mark.slow]
 
 UINT32 = 2**32 - 1
 GOOD_STAMPS = 2_000_000         # good frames are stamped from here on; fuzzed stamps stay below
