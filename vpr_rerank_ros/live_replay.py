@@ -74,6 +74,7 @@ class LiveReport:
     sent: int                 # camera frames published
     answered: int             # frames the node published a pose for
     node_counts: dict         # received / processed / dropped / bad, from the node's last diagnostics
+    final: bool               # the node's diagnostics after the last frame arrived (else the counts are older)
     wall_s: float             # playback time, from the first message to the node's last report
 
 
@@ -83,7 +84,8 @@ def format_live_report(live: LiveReport) -> str:
     return (format_report(live.report) + "\n"
             f"frames sent {live.sent}, answered {live.answered}; node received {c.get('received', '?')}, "
             f"processed {c.get('processed', '?')}, dropped {c.get('dropped', '?')} (latest frame wins), "
-            f"bad {c.get('bad', '?')}; playback {live.wall_s:.0f} s\n"
+            f"bad {c.get('bad', '?')}{'' if live.final else ' (its last report came before the end)'}; "
+            f"playback {live.wall_s:.0f} s\n"
             "latency: node stages from /diagnostics, end_to_end = image published -> pose received")
 
 
@@ -110,7 +112,7 @@ def replay_live(bag: str | Path, node: NodeSetup, settings: LiveSettings = LiveS
             player.wait_for_node(settings.startup_timeout_s)
             start = time.monotonic()
             player.play(itertools.chain([first], messages))
-            player.finish()
+            final = player.finish()
             wall_s = time.monotonic() - start
         finally:
             rclpy.shutdown(context=context)
@@ -126,7 +128,7 @@ def replay_live(bag: str | Path, node: NodeSetup, settings: LiveSettings = LiveS
     except ValueError as exc:
         raise ValueError(f"{bag}: {exc}") from None
     answered = sum(stamp in player.poses for stamp in player.sent)
-    return LiveReport(report, len(player.sent), answered, player.node_counts(), wall_s)
+    return LiveReport(report, len(player.sent), answered, player.node_counts(), final, wall_s)
 
 
 class _NodeProcess:
@@ -281,9 +283,9 @@ class _Player:
         for publisher in self.publishers.values():
             publisher.wait_for_all_acked(Duration(seconds=5))
 
-    def finish(self) -> None:
+    def finish(self) -> bool:
         """Run the clock on until the node reports, one diagnostics period after the last frame, that nothing is
-        pending and all its poses have arrived (or `frame_timeout_s` passed)."""
+        pending and all its poses have arrived: True; False when `frame_timeout_s` passed first."""
         after = self.sim_ns + 1_000_000_000
         deadline = time.monotonic() + self.settings.frame_timeout_s
         while time.monotonic() < deadline:
@@ -292,9 +294,8 @@ class _Player:
                 counts = self.node_counts()
                 pending = counts["received"] - counts["processed"] - counts["dropped"] - counts["bad"]
                 if pending == 0 and counts["processed"] <= len(self.poses):
-                    return
-        print(f"vpr-replay: WARNING: no final report from the node within {self.settings.frame_timeout_s:.0f} s",
-              file=sys.stderr)
+                    return True
+        return False
 
     # ------------------------------------------------------------------ results
 
