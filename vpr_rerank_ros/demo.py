@@ -87,19 +87,22 @@ def _live_replays(out: Path, config: SynthConfig, args) -> None:
         write_bag(bag, plan, config, bag_config, args.seed)
     c = plan_bag_drive(plan, config, bag_config, args.seed)[0][0].condition
     print(f"\nlive replay: the vpr_localizer node on a {args.bag_length:g} m drive at {bag_config.fps:g} Hz "
-          f"({c.time}, {c.weather}, {c.season}), /clock at up to {args.rate:g}x, each frame waiting for the "
-          "node's pose; no GPS hint (whole-map retrieval, where re-ranking matters), top 100 candidates; "
-          "errors in metres, no estimate = failure")
-    print(f"{'re-ranker':28s}{'answered':>10s}{'median':>8s}{'p90':>7s}{'p95':>7s}"
-          f"{'<5 m':>7s}{'<10 m':>7s}{'<25 m':>7s}{'R@1':>7s}{'e2e ms':>8s}")
+          f"({c.time}, {c.weather}, {c.season}), /clock at up to {args.rate:g}x,\n"
+          "each frame waiting for the node's pose; no GPS hint (whole-map retrieval, where re-ranking matters), "
+          "top 100 candidates.\nErrors in metres (no estimate = failure); median latency per frame: node = decode "
+          "to pose (its diagnostics),\ne2e = image published to pose received.")
+    columns = ("answered", "median", "p90", "p95", "<5 m", "<10 m", "<25 m", "R@1", "node ms", "e2e ms")
+    print(f"{'re-ranker':28s}" + "".join(f"{c:>9s}" for c in columns))
     for name, params in DEMO_RERANKERS:
         live = replay_live(bag, NodeSetup(map_path=str(out / "map"), reranker=name, reranker_params=params),
                            LiveSettings(rate=args.rate, wait_for_node=True, use_gps=False))
-        e, label = live.report.errors, " ".join([name, ",".join(f"{k}={v}" for k, v in params.items())])
-        shares = [e["within_5m"], e["within_10m"], e["within_25m"], live.report.recall["recall@1"]]
-        print(f"{label:28s}{f'{live.answered}/{live.sent}':>10s}{e['median']:8.1f}"
-              f"{e['p90']:7.1f}{e['p95']:7.1f}" + "".join(f"{100 * v:6.1f}%" for v in shares)
-              + f"{live.report.latency_ms.get('end_to_end', float('nan')):8.0f}")
+        e, latency = live.report.errors, live.report.latency_ms
+        shares = (e["within_5m"], e["within_10m"], e["within_25m"], live.report.recall["recall@1"])
+        cells = [f"{live.answered}/{live.sent}", *(f"{e[k]:.1f}" for k in ("median", "p90", "p95")),
+                 *(f"{100 * v:.1f}%" for v in shares),
+                 *(f"{latency.get(k, float('nan')):.0f}" for k in ("total", "end_to_end"))]
+        label = " ".join([name, ",".join(f"{k}={v}" for k, v in params.items())])
+        print(f"{label:28s}" + "".join(f"{c:>9s}" for c in cells))
 
 
 def _per_condition(msls: Path, run) -> None:
