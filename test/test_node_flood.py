@@ -6,6 +6,7 @@ The slow model is the architecture the README recommends for serious work, VGG16
 frame is the real one; only its retrieval quality is meaningless, and this test does not look at it."""
 import time
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -30,7 +31,7 @@ def slow_map(synthetic_map, tmp_path_factory):
     root, _ = synthetic_map
     out = tmp_path_factory.mktemp("slow_map")
     torch.manual_seed(0)
-    model = GlobalDescriptor(DescriptorConfig(whiten_dim=None))
+    model = GlobalDescriptor(DescriptorConfig(whiten_dim=None, max_side=320))
     weights = save_model(model, out / "vgg16_netvlad_random.safetensors")
     images = geotagged.from_msls(root / "msls", ["synth0"])
     subset = geotagged.ImageSet(items=images.items[:MAP_IMAGES], table=images.table.take(np.arange(MAP_IMAGES)))
@@ -46,7 +47,9 @@ def test_flood_at_30_hz_keeps_memory_and_latency_bounded(slow_map, synthetic_map
 
     map_path, weights = slow_map
     query, _ = load_city(synthetic_map[0] / "msls", "synth0")
-    frames = [image_msg(read_rgb(query.image_path(i)), 0) for i in range(4)]     # 320x240 rgb8, 230 kB each
+    # 480x360 rgb8 camera frames, 518 kB each (larger ones need more than the default Fast DDS set-up delivers
+    # best effort at 30 Hz); the model describes them at 320x240.
+    frames = [image_msg(cv2.resize(read_rgb(query.image_path(i)), (480, 360)), 0) for i in range(4)]
     params = write_params(tmp_path / "params.yaml", map_path=str(map_path), model_path=str(weights),
                           top_k=MAP_IMAGES, pose_matches=3, device="cpu")
     node = NodeProcess(params, tmp_path)
@@ -64,6 +67,7 @@ def test_flood_at_30_hz_keeps_memory_and_latency_bounded(slow_map, synthetic_map
             images.publish(set_stamp(frames[0], time.time()))
             sent += 1
             client.spin_until(lambda: poses, timeout=10.0)
+        idle_mib = node.rss_kib() / 1024
         warm_sent, warm_poses = sent, len(poses)
         start = time.monotonic()
         next_sample = start
@@ -72,7 +76,7 @@ def test_flood_at_30_hz_keeps_memory_and_latency_bounded(slow_map, synthetic_map
             sent += 1
             if time.monotonic() >= next_sample:
                 rss_mib.append((elapsed, node.rss_kib() / 1024))
-                next_sample += 1.0
+                next_sample += 0.25
             client.spin_for(start + (sent - warm_sent) / RATE_HZ - time.monotonic())
         flood_sent, flood_s = sent - warm_sent, time.monotonic() - start
         client.spin_for(3.0)            # let the node finish its last frame and report
@@ -104,6 +108,6 @@ def test_flood_at_30_hz_keeps_memory_and_latency_bounded(slow_map, synthetic_map
     ages = [received - stamp_of(pose) for received, pose in flood[1:]]
     assert max(ages) < 3.0, (ages, values)
 
-    # Memory: after the first seconds the node's RSS does not grow with the frames sent.
-    settled = [rss for elapsed, rss in rss_mib if elapsed >= 3.0]
-    assert max(settled) - settled[0] < 40, rss_mib     # a backlog of the ~400 frames sent since would be ~90 MB
+    # Memory: the node's RSS stays within its working set (inference, messages, allocator slack; up to ~120 MB
+    # above idle in our runs) of what it was when idle; a backlog of the flood's frames would add ~240 MB more.
+    assert max(rss for _, rss in rss_mib) - idle_mib < 200, (idle_mib, rss_mib)
