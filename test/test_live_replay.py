@@ -11,11 +11,17 @@ from vpr_rerank_ros.datasets.synth_town import BagConfig, plan_city, write_bag
 pytestmark = pytest.mark.ros
 
 
-def test_live_replay_scores_what_the_node_publishes(synthetic_map, tmp_path, capsys):
-    _, report = synthetic_map
+@pytest.fixture(scope="module")
+def drive_bag(tmp_path_factory):
+    """16 frames at 2 Hz through the shared synthetic town, with GPS fixes."""
     config = synth_config()
-    bag = write_bag(tmp_path / "drive", plan_city(config, SYNTH_SEED, 0), config,
-                    BagConfig(length_m=60.0, fps=2.0, gps_noise_m=4.0), SYNTH_SEED)
+    return write_bag(tmp_path_factory.mktemp("live") / "drive", plan_city(config, SYNTH_SEED, 0), config,
+                     BagConfig(length_m=60.0, fps=2.0, gps_noise_m=4.0), SYNTH_SEED)
+
+
+def test_live_replay_scores_what_the_node_publishes(synthetic_map, drive_bag, tmp_path, capsys):
+    _, report = synthetic_map
+    bag = drive_bag
     rows_csv = tmp_path / "frames.csv"
     assert replay_main([str(bag), "--map", str(report.bundle.root), "--top-k", "20", "--live", "--wait-for-node",
                         "--rate", "2", "--frame-timeout", "15", "--csv", str(rows_csv)]) == 0
@@ -26,6 +32,18 @@ def test_live_replay_scores_what_the_node_publishes(synthetic_map, tmp_path, cap
     assert len(rows) == 16
     errors = sorted(float(r["error_m"]) for r in rows)
     assert errors[len(errors) // 2] < 25.0, errors                # the same bound as the offline replay
+
+
+def test_live_replay_at_bag_rate_accounts_for_every_frame(synthetic_map, drive_bag):
+    from vpr_rerank_ros.live_replay import LiveSettings, NodeSetup, replay_live
+
+    _, report = synthetic_map
+    live = replay_live(drive_bag, NodeSetup(map_path=str(report.bundle.root), top_k=20), LiveSettings(rate=4.0))
+    counts = live.node_counts
+    assert live.final and live.sent == 16
+    assert counts["received"] == counts["processed"] + counts["dropped"] + counts["bad"] and counts["bad"] == 0
+    assert live.answered == counts["processed"] >= 1             # a dropped frame is never answered
+    assert live.report.errors["missing"] == live.sent - live.answered
 
 
 def test_live_replay_reports_a_node_that_fails_to_start(synthetic_map, tmp_path, capsys):
