@@ -1,6 +1,10 @@
 """Fuzzing the decoding the node applies to every incoming message: whatever the fields of a
 sensor_msgs/Image or CompressedImage hold, the result is an RGB image or an ImageError, nothing else."""
+import zlib
+
+import cv2
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -31,3 +35,18 @@ def test_compressed_bytes(data, cut):
         except ImageError:
             continue
         assert rgb.dtype == np.uint8 and rgb.ndim == 3 and rgb.shape[2] == 3
+
+
+def test_compressed_images_declaring_huge_sizes_are_refused_before_decoding():
+    """A few hundred bytes of JPEG or PNG can declare 30000 x 30000 pixels (seconds and gigabytes to decode)."""
+
+    jpeg = bytearray(encode_jpeg(np.zeros((16, 16, 3), np.uint8)))
+    sof = jpeg.find(b"\xff\xc0")
+    jpeg[sof + 5:sof + 9] = (30000).to_bytes(2, "big") * 2                 # SOF0: height, width
+    png = bytearray(cv2.imencode(".png", np.zeros((16, 16, 3), np.uint8))[1].tobytes())
+    png[16:24] = (9000).to_bytes(4, "big") * 2                             # IHDR: width, height
+    png[29:33] = zlib.crc32(bytes(png[12:29])).to_bytes(4, "big")          # and its CRC
+    for data in (jpeg, png):
+        with pytest.raises(ImageError, match="declares"):
+            decode_compressed(bytes(data))
+    assert decode_compressed(encode_jpeg(np.zeros((48, 64, 3), np.uint8))).shape == (48, 64, 3)

@@ -83,3 +83,4 @@ def test_hint_from_fix():
     assert hint_from_fix(fix(cov=0.0)) == (55.7, 13.2, 10.0)         # zero variance is not believed
     assert hint_from_fix(fix(status=-1)) is None                      # NO_FIX
     assert hint_from_fix(fix(lat=float("nan"))) is None
+    assert hint_from_fix(fix(lat=91.0)) is None and hint_from_fix(fix(lon=-180.5)) is None

@@ -2,10 +2,17 @@
 sensor_msgs/Image fields and compressed bytes to RGB arrays, with errors that name the problem."""
 from __future__ import annotations
 
+import io
+import warnings
 from pathlib import Path
 
 import cv2
 import numpy as np
+from PIL import Image as PilImage
+
+# Compressed images declaring more pixels are refused before decoding: a few hundred bytes of JPEG can
+# declare 30000 x 30000 pixels, which takes seconds and gigabytes to decode.
+MAX_PIXELS = 64_000_000
 
 # Raw encodings we accept -> (channels, conversion to RGB or None).
 RAW_ENCODINGS = {
@@ -39,10 +46,27 @@ def decode_compressed(data: bytes | np.ndarray) -> np.ndarray:
     buffer = np.frombuffer(data, np.uint8) if not isinstance(data, np.ndarray) else data.astype(np.uint8, copy=False)
     if buffer.size == 0:
         raise ImageError("empty image data")
+    _check_declared_size(buffer)
     image = cv2.imdecode(buffer, cv2.IMREAD_COLOR)
     if image is None:
         raise ImageError(f"not a decodable image ({buffer.size} bytes)")
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def _check_declared_size(buffer: np.ndarray) -> None:
+    """Refuse an image whose header declares more than MAX_PIXELS (Pillow reads only the header to tell);
+    a format Pillow does not recognise is left to OpenCV."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", PilImage.DecompressionBombWarning)
+            with PilImage.open(io.BytesIO(buffer.tobytes())) as image:
+                width, height = image.size
+    except PilImage.DecompressionBombError as exc:
+        raise ImageError(f"declares too many pixels: {exc}") from exc
+    except Exception:   # Pillow raises many types for headers it cannot read; OpenCV gives the verdict then
+        return
+    if width * height > MAX_PIXELS:
+        raise ImageError(f"declares {width}x{height} pixels, more than the {MAX_PIXELS / 1e6:.0f} MP accepted")
 
 
 def decode_raw(encoding: str, height: int, width: int, step: int, data) -> np.ndarray:

@@ -69,12 +69,14 @@ class Localization:
 
 def hint_from_fix(fix, default_sigma_m: float = 10.0) -> tuple[float, float, float] | None:
     """(lat, lon, 1-sigma metres) of a sensor_msgs/NavSatFix usable as a GPS hint, or None when it has no fix
-    (status < STATUS_FIX) or a non-finite position. Works on rclpy and rosbags messages alike."""
-    if fix.status.status < 0 or not (math.isfinite(fix.latitude) and math.isfinite(fix.longitude)):
+    (status < STATUS_FIX) or a position that is not finite or outside ±90° / ±180°. Works on rclpy and rosbags
+    messages alike."""
+    lat, lon = fix.latitude, fix.longitude
+    if fix.status.status < 0 or not (math.isfinite(lat) and math.isfinite(lon)) or abs(lat) > 90 or abs(lon) > 180:
         return None
     variance = float(fix.position_covariance[0]) if fix.position_covariance_type else float("nan")
     sigma = math.sqrt(variance) if math.isfinite(variance) and variance > 0 else default_sigma_m
-    return float(fix.latitude), float(fix.longitude), sigma
+    return float(lat), float(lon), sigma
 
 
 class Localizer:

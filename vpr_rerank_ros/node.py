@@ -38,7 +38,7 @@ from .mapbuild import map_model
 from .mapdb import MapBundle, MapError
 
 LARGE_VARIANCE = 1e6   # unobserved axes (z, roll, pitch): "unknown", never zero
-COUNTERS = ("received", "lost", "processed", "dropped", "bad", "fixes", "bad_fixes")
+COUNTERS = ("received", "lost", "processed", "dropped", "bad", "errors", "fixes", "bad_fixes")
 
 PARAMETERS = {  # name: (default, description); every one is documented in config/localize.yaml
     "map_path": ("", "map bundle directory (vpr-map build)"),
@@ -172,7 +172,7 @@ class LocalizerNode(Node):
 
     def _on_fix(self, msg: NavSatFix) -> None:
         hint = hint_from_fix(msg)
-        if hint is None or abs(hint[0]) > 90 or abs(hint[1]) > 180:
+        if hint is None:
             with self.lock:
                 self.stats["bad_fixes"] += 1
             self._warn("fix", f"ignoring GPS fix with status {msg.status.status} at latitude {msg.latitude}, "
@@ -210,6 +210,11 @@ class LocalizerNode(Node):
             with self.lock:
                 self.stats["bad"] += 1
             self._warn("localize", f"skipping frame: {exc}")
+            return
+        except Exception as exc:   # e.g. out of device memory: a running node reports it and goes on
+            with self.lock:
+                self.stats["errors"] += 1
+            self._warn("error", f"skipping frame: {type(exc).__name__} while localising: {exc}")
             return
         self._publish(msg.header.stamp, result)
         with self.lock:
