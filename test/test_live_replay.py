@@ -26,7 +26,8 @@ def test_live_replay_scores_what_the_node_publishes(synthetic_map, drive_bag, tm
     assert replay_main([str(bag), "--map", str(report.bundle.root), "--top-k", "20", "--live", "--wait-for-node",
                         "--rate", "2", "--frame-timeout", "15", "--csv", str(rows_csv)]) == 0
     out = capsys.readouterr().out
-    assert "frames sent 16, answered 16; node received 16, processed 16, dropped 0" in out, out
+    assert "frames sent 16, answered 16; node received 16, processed 16, dropped 0 (latest frame wins), bad 0, " \
+           "errors 0, lost in transport 0;" in out, out
     assert "recall (25 m): recall@1" in out and "end_to_end" in out and "descriptor" in out, out
     rows = list(csv.DictReader(open(rows_csv)))
     assert len(rows) == 16
@@ -41,7 +42,7 @@ def test_live_replay_at_bag_rate_accounts_for_every_frame(synthetic_map, drive_b
     live = replay_live(drive_bag, NodeSetup(map_path=str(report.bundle.root), top_k=20), LiveSettings(rate=4.0))
     counts = live.node_counts
     assert live.final and live.sent == 16
-    assert counts["received"] == counts["processed"] + counts["dropped"] + counts["bad"] and counts["bad"] == 0
+    assert counts["received"] == counts["processed"] + counts["dropped"] and counts["bad"] == counts["errors"] == 0
     assert live.answered == counts["processed"] >= 1             # a dropped frame is never answered
     assert live.report.errors["missing"] == live.sent - live.answered
 

@@ -38,6 +38,9 @@ from .replay import FrameEstimate, ReplayReport, format_report, score_frames, tr
 CLOCK_PERIOD_S = 0.025         # /clock is published about every 25 ms of wall time (40 Hz)
 NODE = "/vpr_localizer"        # the node's name, so its private topics are /vpr_localizer/pose, .../matches
 STAGES = ("descriptor", "retrieval", "reranking", "pose", "total")   # the node's latency_<stage>_ms values
+# The node's frame counters in its diagnostics: every received frame ends processed, dropped (latest frame
+# wins), bad (undecodable) or errors (failed while localising); lost = lost by the middleware before receipt.
+COUNTERS = ("received", "processed", "dropped", "bad", "errors", "lost")
 
 
 @dataclass(frozen=True)
@@ -73,7 +76,7 @@ class LiveReport:
     report: ReplayReport
     sent: int                 # camera frames published
     answered: int             # frames the node published a pose for
-    node_counts: dict         # received / processed / dropped / bad, from the node's last diagnostics
+    node_counts: dict         # COUNTERS, from the node's last diagnostics
     final: bool               # the node's diagnostics after the last frame arrived (else the counts are older)
     wall_s: float             # playback time, from the first message to the node's last report
 
@@ -84,7 +87,8 @@ def format_live_report(live: LiveReport) -> str:
     return (format_report(live.report) + "\n"
             f"frames sent {live.sent}, answered {live.answered}; node received {c.get('received', '?')}, "
             f"processed {c.get('processed', '?')}, dropped {c.get('dropped', '?')} (latest frame wins), "
-            f"bad {c.get('bad', '?')}{'' if live.final else ' (its last report came before the end)'}; "
+            f"bad {c.get('bad', '?')}, errors {c.get('errors', '?')}, lost in transport {c.get('lost', '?')}"
+            f"{'' if live.final else ' (its last report came before the end)'}; "
             f"playback {live.wall_s:.0f} s\n"
             "latency: node stages from /diagnostics, end_to_end = image published -> pose received")
 
@@ -292,7 +296,7 @@ class _Player:
             self._tick()
             if self.diagnostics and self.diagnostics[-1][0] >= after:
                 counts = self.node_counts()
-                pending = counts["received"] - counts["processed"] - counts["dropped"] - counts["bad"]
+                pending = counts["received"] - sum(counts[k] for k in ("processed", "dropped", "bad", "errors"))
                 if pending == 0 and counts["processed"] <= len(self.poses):
                     return True
         return False
@@ -303,7 +307,7 @@ class _Player:
         if not self.diagnostics:
             return {}
         values = self.diagnostics[-1][1]
-        return {k: int(values[k]) for k in ("received", "processed", "dropped", "bad")}
+        return {k: int(values[k]) for k in COUNTERS}
 
     def latency_ms(self) -> dict:
         """Median per stage over the diagnostics that report a newly processed frame (the node reports its
