@@ -6,7 +6,9 @@ the offline replay's scoring (`replay.score_frames`).
 Pacing: the bag clock runs at `rate` × wall time. With `wait_for_node` it also holds just before each camera
 frame until the node has answered the previous one (or `frame_timeout_s` passed), so a slow CPU still scores
 every frame; without it, frames the node cannot keep up with are dropped by the node (latest frame wins), as
-they would be on a vehicle, and count as failures.
+they would be on a vehicle, and count as failures. The node's processing timer runs on the bag clock, which
+is held just before the next frame: holding needs the node's `rate_hz` to be at least twice the camera rate
+(10 Hz against the 5 Hz synthetic bags), else a frame may wait for its timeout.
 """
 from __future__ import annotations
 
