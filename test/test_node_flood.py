@@ -104,9 +104,13 @@ def test_flood_at_30_hz_keeps_memory_and_latency_bounded(slow_map, synthetic_map
     assert len(flood) >= 5, (len(flood), values)
     for (previous, _), (received, pose) in zip(flood, flood[1:]):
         assert stamp_of(pose) > previous - 1.0, (stamp_of(pose) - previous, values)
-    # ... and no pose is older than a few processing times.
+    # ... and ages do not grow with the flood: a queue's grow linearly (18 s by its end in our runs), while a
+    # latest-frame-wins node's stay near one processing time (0.3-0.4 s here, single stalls of ~3 s on a
+    # loaded CPU).
     ages = [received - stamp_of(pose) for received, pose in flood[1:]]
-    assert max(ages) < 3.0, (ages, values)
+    third = max(1, len(ages) // 3)
+    assert np.median(ages[-third:]) < np.median(ages[:third]) + 1.0, (ages, values)
+    assert max(ages) < FLOOD_S / 2, (ages, values)
 
     # Memory: the node's RSS stays within its working set (inference, messages, allocator slack; up to ~120 MB
     # above idle in our runs) of what it was when idle; a backlog of the flood's frames would add ~240 MB more.

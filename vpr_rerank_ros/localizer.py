@@ -12,7 +12,7 @@ import torch
 from .descriptors.extract import DescriptorExtractor
 from .descriptors.model import GlobalDescriptor
 from .geo import heading_difference, utm_to_latlon
-from .mapdb import MapBundle
+from .mapdb import MapBundle, dot_rows
 from .rerank.base import Reranker, build_reranker, rerank_order
 
 
@@ -127,7 +127,7 @@ class Localizer:
         timings["reranking"] = time.perf_counter() - start
 
         start = time.perf_counter()
-        similarities = (candidates @ descriptor[0])[order]
+        similarities = dot_rows(candidates, descriptor[0])[order]
         localization = self._pose(ids[order], similarities, gps_used=bool(result.restricted[0]),
                                   fallback=bool(result.fallback[0]), note=note, stamp=stamp)
         timings["pose"] = time.perf_counter() - start
