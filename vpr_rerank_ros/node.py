@@ -1,10 +1,12 @@
 """`vpr_localizer`: the ROS 2 node. Camera frames and GPS fixes in; PoseWithCovarianceStamped, NavSatFix,
 diagnostics and (optionally) match markers out. A thin edge over `Localizer`.
 
-Latest frame wins: the image callback only stores the newest frame; a timer in its own callback group
-runs the pipeline, so a slow model never builds a backlog. Bad input is logged (throttled) and skipped.
-The timers run on the steady clock, so under `use_sim_time` a paused or slow /clock does not stall the
-pipeline; output stamps are the image stamps, and GPS fixes are aged against the image stamp.
+Latest frame wins: the image callback only stores the newest frame and wakes a pipeline thread that
+localises it, so a slow model never builds a backlog. The pipeline runs outside the executor: a long
+callback would keep a multi-threaded executor polling (and holding the GIL the model needs). Bad input is
+logged (throttled) and skipped. Pacing and diagnostics use the steady clock, so under `use_sim_time` a
+paused or slow /clock does not stall the pipeline; output stamps are the image stamps, and GPS fixes are
+aged against the image stamp.
 """
 from __future__ import annotations
 
@@ -21,10 +23,9 @@ import yaml
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from geometry_msgs.msg import PoseWithCovarianceStamped
 from rcl_interfaces.msg import ParameterDescriptor, SetParametersResult
-from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.clock import Clock, ClockType
 from rclpy.event_handler import SubscriptionEventCallbacks, UnsupportedEventTypeError
-from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.node import Node
 from rclpy.qos import qos_profile_sensor_data
 from sensor_msgs.msg import CompressedImage, Image, NavSatFix, NavSatStatus
@@ -99,6 +100,9 @@ class LocalizerNode(Node):
         self.localizer = self._load_localizer()
         self.conversion, self.decode = image_decoder()
         self.lock = threading.Lock()
+        self.wake = threading.Condition(self.lock)   # a frame arrived, or the node stops
+        self.pipeline = threading.Lock()             # held while localising: the localizer is swapped between frames
+        self.running = True
         self.latest = None          # the newest frame not yet processed
         self.fix = None             # (lat, lon, sigma, stamp seconds)
         self.stats = {**dict.fromkeys(COUNTERS, 0), "last_latency": {}, "gps": "no frame yet"}
@@ -117,10 +121,9 @@ class LocalizerNode(Node):
         self.match_pub = self.create_publisher(MarkerArray, "~/matches", 10)
         self.create_service(Trigger, "~/reload_map", self._on_reload)
         self.add_on_set_parameters_callback(self._on_parameters)
-        steady = Clock(clock_type=ClockType.STEADY_TIME)   # a compute budget, not ROS time (see module doc)
-        self.create_timer(1.0 / self.p["rate_hz"], self._process, callback_group=MutuallyExclusiveCallbackGroup(),
-                          clock=steady)
-        self.create_timer(1.0, self._diagnostics, clock=steady)
+        self.create_timer(1.0, self._diagnostics, clock=Clock(clock_type=ClockType.STEADY_TIME))
+        self.worker = threading.Thread(target=self._work, name="vpr_localizer pipeline", daemon=True)
+        self.worker.start()
         self.get_logger().info(f"localising against {len(self.localizer.bundle)} map images with "
                                f"{self.p['reranker']} on {self.localizer.device}; images converted with "
                                f"{self.conversion}")
@@ -165,6 +168,7 @@ class LocalizerNode(Node):
                 self.stats["dropped"] += 1          # replaced before it was processed: latest frame wins
             self.latest = msg
             self.stats["received"] += 1
+            self.wake.notify()
 
     def _on_lost(self, info) -> None:
         with self.lock:
@@ -183,6 +187,27 @@ class LocalizerNode(Node):
         with self.lock:
             self.fix = (*hint, stamp)
             self.stats["fixes"] += 1
+
+    def _work(self) -> None:
+        """The pipeline thread: wait for a frame, localise the newest one; at most `rate_hz` frames a second
+        (steady clock: a compute budget, not ROS time)."""
+        period = 1.0 / self.p["rate_hz"]
+        while True:
+            with self.wake:
+                self.wake.wait_for(lambda: self.latest is not None or not self.running)
+                if not self.running:
+                    return
+            started = time.monotonic()
+            with self.pipeline:
+                self._process()
+            time.sleep(max(0.0, period - (time.monotonic() - started)))
+
+    def stop(self) -> None:
+        """End the pipeline thread (after the frame in hand)."""
+        with self.wake:
+            self.running = False
+            self.wake.notify()
+        self.worker.join()
 
     def _process(self) -> None:
         with self.lock:
@@ -297,7 +322,8 @@ class LocalizerNode(Node):
         except (MapError, OSError, ValueError) as exc:
             response.success, response.message = False, str(exc)
             return response
-        self.localizer = localizer
+        with self.pipeline:
+            self.localizer = localizer
         response.success, response.message = True, f"reloaded {len(localizer.bundle)} map images"
         return response
 
@@ -309,8 +335,9 @@ class LocalizerNode(Node):
         new = {**self.p, **changed}
         try:
             self._validate(new)
-            self.localizer.set_reranker(new["reranker"], **yaml.safe_load(new["reranker_params"]))
-            self.localizer.settings = self._settings(new, len(self.localizer.bundle))
+            with self.pipeline:
+                self.localizer.set_reranker(new["reranker"], **yaml.safe_load(new["reranker_params"]))
+                self.localizer.settings = self._settings(new, len(self.localizer.bundle))
         except ValueError as exc:
             return SetParametersResult(successful=False, reason=str(exc))
         self.p = new
@@ -335,13 +362,14 @@ def main(args: list[str] | None = None) -> int:
         print(f"vpr_localizer: {exc}", file=sys.stderr)
         rclpy.try_shutdown()
         return 1
-    executor = MultiThreadedExecutor(num_threads=2)
+    executor = SingleThreadedExecutor()   # every callback is short: the pipeline has its own thread
     executor.add_node(node)
     try:
         executor.spin()
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     finally:
+        node.stop()
         executor.shutdown()
         node.destroy_node()
         rclpy.try_shutdown()
