@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from vpr_rerank_ros.geo import OverlapGraph, fov_overlap
-from vpr_rerank_ros.rerank.base import build_reranker
+from vpr_rerank_ros.rerank.base import build_reranker, reranker_label
 
 K, L, D = 319, 127, 4096
 MAP_SIZE = 2000
@@ -62,8 +62,7 @@ def main() -> None:
                             torch.cuda.synchronize()
 
                 per_query = best_time(run, 3 if b == 32 else 10) / b
-                label = name + (" " + ",".join(f"{k}={v}" for k, v in params.items()) if params else "") + \
-                    ("" if cached else " (no map cache)")
+                label = reranker_label(name, params) + ("" if cached else " (no map cache)")
                 print(f"{device} batch {b:2d}  {label:40s} {per_query * 1e3:8.2f} ms/query")
     # Positional affinity of one query's candidates: K x L matrix three ways.
     ids = rng.choice(MAP_SIZE, K, replace=False)

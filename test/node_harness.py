@@ -2,16 +2,15 @@
 from an rclpy node in the test process (its own Context, so tests stay independent)."""
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import yaml
+
+from vpr_rerank_ros import live_replay
 
 
 def write_params(path: Path, **params) -> Path:
@@ -20,42 +19,33 @@ def write_params(path: Path, **params) -> Path:
     return path
 
 
-class NodeProcess:
-    """`python -m vpr_rerank_ros.node --ros-args --params-file PARAMS [ROS_ARGS]`, its output in a log file
-    (a pipe could fill up and block the node)."""
+class NodeProcess(live_replay.NodeProcess):
+    """The node as `vpr-replay --live` starts it, with its log and ROS_HOME in the test's folder."""
 
     def __init__(self, params_file: Path, tmp_path: Path, *ros_args: str) -> None:
-        env = {**os.environ, "ROS_HOME": str(tmp_path / "ros_home"), "PYTHONUNBUFFERED": "1"}
-        self.log_path = tmp_path / f"node_{time.monotonic_ns()}.log"
-        with open(self.log_path, "w") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "vpr_rerank_ros.node", "--ros-args", "--params-file", str(params_file),
-                 *ros_args], env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+        super().__init__([params_file], tmp_path / f"node_{time.monotonic_ns()}.log", list(ros_args),
+                         env={"ROS_HOME": str(tmp_path / "ros_home")})
 
     @property
     def pid(self) -> int:
         return self.process.pid
-
-    def alive(self) -> bool:
-        return self.process.poll() is None
-
-    def log(self) -> str:
-        return self.log_path.read_text()
 
     def rss_kib(self) -> int:
         """Resident set size of the node (VmRSS in /proc)."""
         status = Path(f"/proc/{self.pid}/status").read_text()
         return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:")))
 
-    def stop(self) -> int:
-        """SIGINT, as Ctrl-C would; killed if it does not exit within 20 s. Returns the exit code."""
-        if self.alive():
-            self.process.send_signal(signal.SIGINT)
-        try:
-            return self.process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            return self.process.wait()
+
+@contextmanager
+def running_node(params_file: Path, tmp_path: Path, *ros_args: str) -> Iterator[tuple[NodeProcess, "RosClient"]]:
+    """A node subprocess and a test client; on leaving, the node gets SIGINT and must exit with code 0."""
+    node, client = NodeProcess(params_file, tmp_path, *ros_args), RosClient()
+    try:
+        yield node, client
+    finally:
+        code = node.stop()
+        client.close()
+    assert code == 0, node.log()
 
 
 class RosClient:
@@ -81,6 +71,11 @@ class RosClient:
         while not done() and time.monotonic() < end:
             self.executor.spin_once(timeout_sec=0.05)
         return done()
+
+    def next_message(self, received: list, timeout: float = 5.0) -> bool:
+        """Empty `received` (a subscription's list) and spin until a new message lands in it."""
+        received.clear()
+        return self.spin_until(lambda: received, timeout)
 
     def wait_for_subscriber(self, publisher, node: NodeProcess, timeout: float = 60.0) -> None:
         """Until the node has subscribed to `publisher`'s topic; fails with the node's log if it died."""

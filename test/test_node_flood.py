@@ -10,7 +10,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from node_harness import NodeProcess, RosClient, diagnostics_values, image_msg, set_stamp, stamp_of, write_params
+from node_harness import diagnostics_values, image_msg, running_node, set_stamp, stamp_of, write_params
 
 from vpr_rerank_ros.datasets import geotagged
 from vpr_rerank_ros.datasets.msls import load_city
@@ -52,15 +52,13 @@ def test_flood_at_30_hz_keeps_memory_and_latency_bounded(slow_map, synthetic_map
     frames = [image_msg(cv2.resize(read_rgb(query.image_path(i)), (480, 360)), 0) for i in range(4)]
     params = write_params(tmp_path / "params.yaml", map_path=str(map_path), model_path=str(weights),
                           top_k=MAP_IMAGES, pose_matches=3, device="cpu")
-    node = NodeProcess(params, tmp_path)
-    client = RosClient()
-    poses, diagnostics = [], []     # poses as (receive time, message)
-    client.node.create_subscription(PoseWithCovarianceStamped, "/vpr_localizer/pose",
-                                    lambda msg: poses.append((time.time(), msg)), 100)
-    client.node.create_subscription(DiagnosticArray, "/diagnostics", diagnostics.append, 10)
-    images = client.node.create_publisher(Image, "/image", qos_profile_sensor_data)
-    sent, rss_mib = 0, []
-    try:
+    with running_node(params, tmp_path) as (node, client):
+        poses, diagnostics = [], []     # poses as (receive time, message)
+        client.node.create_subscription(PoseWithCovarianceStamped, "/vpr_localizer/pose",
+                                        lambda msg: poses.append((time.time(), msg)), 100)
+        client.node.create_subscription(DiagnosticArray, "/diagnostics", diagnostics.append, 10)
+        images = client.node.create_publisher(Image, "/image", qos_profile_sensor_data)
+        sent, rss_mib = 0, []
         client.wait_for_subscriber(images, node)
         while not poses:    # warm-up: the first frame also pays for lazy initialisation
             assert node.alive(), node.log()
@@ -80,14 +78,8 @@ def test_flood_at_30_hz_keeps_memory_and_latency_bounded(slow_map, synthetic_map
             client.spin_for(start + (sent - warm_sent) / RATE_HZ - time.monotonic())
         flood_sent, flood_s = sent - warm_sent, time.monotonic() - start
         client.spin_for(3.0)            # let the node finish its last frame and report
-        diagnostics.clear()
-        client.spin_until(lambda: diagnostics, timeout=5.0)
+        client.next_message(diagnostics)
         assert node.alive(), node.log()
-    finally:
-        code = node.stop()
-        client.close()
-    log = node.log()
-    assert code == 0, log
     assert flood_sent / flood_s > 0.8 * RATE_HZ, (flood_sent, flood_s)   # the test did flood
     values = diagnostics_values(diagnostics[-1])
     counts = {k: int(values[k]) for k in ("received", "lost", "processed", "dropped", "bad")}

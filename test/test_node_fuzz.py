@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
-from node_harness import NodeProcess, RosClient, diagnostics_values, image_msg, set_stamp, stamp_of, write_params
+from node_harness import diagnostics_values, image_msg, running_node, set_stamp, stamp_of, write_params
 
 from vpr_rerank_ros.datasets.msls import load_city
 from vpr_rerank_ros.images import RAW_ENCODINGS, ImageError, decode_image_message, encode_jpeg, read_rgb
@@ -120,59 +120,52 @@ def test_node_survives_fuzzed_messages(synthetic_map, tmp_path, compressed):
         good_msg, frames = image_msg(rgb, 0), raw_images()
     params = write_params(tmp_path / "params.yaml", map_path=str(report.bundle.root), top_k=20, rate_hz=50.0,
                           compressed=compressed)
-    node = NodeProcess(params, tmp_path)
-    client = RosClient()
-    poses, diagnostics = [], []
-    client.node.create_subscription(PoseWithCovarianceStamped, "/vpr_localizer/pose", poses.append, 100)
-    client.node.create_subscription(DiagnosticArray, "/diagnostics", diagnostics.append, 10)
-    images = client.node.create_publisher(type(good_msg), "/image/compressed" if compressed else "/image",
-                                          qos_profile_sensor_data)
-    gps = client.node.create_publisher(NavSatFix, "/gps/fix", qos_profile_sensor_data)
-    sent = {"images": 0, "undecodable": 0, "fixes": 0, "unusable_fixes": 0, "good": 0}
+    with running_node(params, tmp_path) as (node, client):
+        poses, diagnostics = [], []
+        client.node.create_subscription(PoseWithCovarianceStamped, "/vpr_localizer/pose", poses.append, 100)
+        client.node.create_subscription(DiagnosticArray, "/diagnostics", diagnostics.append, 10)
+        images = client.node.create_publisher(type(good_msg), "/image/compressed" if compressed else "/image",
+                                              qos_profile_sensor_data)
+        gps = client.node.create_publisher(NavSatFix, "/gps/fix", qos_profile_sensor_data)
+        sent = {"images": 0, "undecodable": 0, "fixes": 0, "unusable_fixes": 0, "good": 0}
 
-    def localise_good_frame(context: str) -> None:
-        """Publish a good frame and wait for its pose (re-sent every 2 s: delivery is best effort)."""
-        stamp = GOOD_STAMPS + sent["good"]
-        sent["good"] += 1
-        set_stamp(good_msg, stamp)
-        for _ in range(8):
-            images.publish(good_msg)
-            sent["images"] += 1
-            if client.spin_until(lambda: any(stamp_of(p) == stamp for p in poses), timeout=2.0):
-                return
-            assert node.alive(), f"the node died after {context}:\n{node.log()}"
-        pytest.fail(f"no pose for a good frame after {context}:\n{node.log()}")
-
-    @settings(max_examples=50, deadline=None, database=None, phases=[Phase.explicit, Phase.generate],
-              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-    @given(batch=st.lists(st.one_of(frames, fixes()), min_size=1, max_size=8))
-    def send_batch(batch):
-        for msg in batch:
-            if isinstance(msg, NavSatFix):
-                gps.publish(msg)
-                sent["fixes"] += 1
-                sent["unusable_fixes"] += not usable_fix(msg)
-            else:
-                images.publish(msg)
+        def localise_good_frame(context: str) -> None:
+            """Publish a good frame and wait for its pose (re-sent every 2 s: delivery is best effort)."""
+            stamp = GOOD_STAMPS + sent["good"]
+            sent["good"] += 1
+            set_stamp(good_msg, stamp)
+            for _ in range(8):
+                images.publish(good_msg)
                 sent["images"] += 1
-                sent["undecodable"] += not decodable(msg)
-            client.spin_for(SEND_SPACING_S)
-        localise_good_frame(f"the batch {batch!r}"[:2000])
+                if client.spin_until(lambda: any(stamp_of(p) == stamp for p in poses), timeout=2.0):
+                    return
+                assert node.alive(), f"the node died after {context}:\n{node.log()}"
+            pytest.fail(f"no pose for a good frame after {context}:\n{node.log()}")
 
-    start = time.monotonic()
-    try:
+        @settings(max_examples=50, deadline=None, database=None, phases=[Phase.explicit, Phase.generate],
+                  suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+        @given(batch=st.lists(st.one_of(frames, fixes()), min_size=1, max_size=8))
+        def send_batch(batch):
+            for msg in batch:
+                if isinstance(msg, NavSatFix):
+                    gps.publish(msg)
+                    sent["fixes"] += 1
+                    sent["unusable_fixes"] += not usable_fix(msg)
+                else:
+                    images.publish(msg)
+                    sent["images"] += 1
+                    sent["undecodable"] += not decodable(msg)
+                client.spin_for(SEND_SPACING_S)
+            localise_good_frame(f"the batch {batch!r}"[:2000])
+
+        start = time.monotonic()
         client.wait_for_subscriber(images, node)
         localise_good_frame("start-up")
         send_batch()
-        diagnostics.clear()
-        client.spin_until(lambda: diagnostics, timeout=5.0)
+        client.next_message(diagnostics)
         assert node.alive(), node.log()
-    finally:
-        code = node.stop()
-        client.close()
     duration = time.monotonic() - start
     log = node.log()
-    assert code == 0, log
     values = {k: int(v) for k, v in diagnostics_values(diagnostics[-1]).items() if k in (
         "received", "processed", "dropped", "bad", "fixes", "bad_fixes")}
     assert sent["undecodable"] >= 10 and sent["unusable_fixes"] >= 10, sent      # the fuzz did send bad input

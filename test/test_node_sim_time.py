@@ -4,8 +4,7 @@ reporting while /clock stands still (a stalled replayer): its timers run on the 
 import time
 
 import pytest
-from node_harness import (NodeProcess, RosClient, diagnostics_values, image_msg, set_stamp, stamp_of, time_msg,
-                          write_params)
+from node_harness import diagnostics_values, image_msg, running_node, set_stamp, stamp_of, time_msg, write_params
 
 from vpr_rerank_ros.datasets.msls import load_city
 from vpr_rerank_ros.images import read_rgb
@@ -26,35 +25,34 @@ def test_node_under_sim_time(synthetic_map, tmp_path):
     query, _ = load_city(root / "msls", "synth0")
     params = write_params(tmp_path / "params.yaml", map_path=str(report.bundle.root), top_k=20, rate_hz=4.0,
                           use_sim_time=True)
-    node = NodeProcess(params, tmp_path)
-    client = RosClient()
-    poses, diagnostics = [], []
-    client.node.create_subscription(PoseWithCovarianceStamped, "/vpr_localizer/pose", poses.append, 100)
-    client.node.create_subscription(DiagnosticArray, "/diagnostics", diagnostics.append, 100)
-    clock = client.node.create_publisher(Clock, "/clock", 10)
-    images = client.node.create_publisher(Image, "/image", qos_profile_sensor_data)
-    fixes = client.node.create_publisher(NavSatFix, "/gps/fix", qos_profile_sensor_data)
-    ticks = 0               # /clock is SIM_START + ticks / 20
+    with running_node(params, tmp_path) as (node, client):
+        poses, diagnostics = [], []
+        client.node.create_subscription(PoseWithCovarianceStamped, "/vpr_localizer/pose", poses.append, 100)
+        client.node.create_subscription(DiagnosticArray, "/diagnostics", diagnostics.append, 100)
+        clock = client.node.create_publisher(Clock, "/clock", 10)
+        images = client.node.create_publisher(Image, "/image", qos_profile_sensor_data)
+        fixes = client.node.create_publisher(NavSatFix, "/gps/fix", qos_profile_sensor_data)
+        ticks = 0               # /clock is SIM_START + ticks / 20
 
-    def run_clock(seconds: float, advance: bool) -> float:
-        """Publish /clock at 20 Hz for `seconds` of wall time, advancing it in step or holding it; the sim time."""
-        nonlocal ticks
-        for _ in range(round(seconds * 20)):
-            ticks += advance
-            clock.publish(Clock(clock=time_msg(SIM_START + ticks / 20)))
-            client.spin_for(0.05)
-        return SIM_START + ticks / 20
+        def run_clock(seconds: float, advance: bool) -> float:
+            """Publish /clock at 20 Hz for `seconds` of wall time, advancing it in step or holding it; returns
+            the sim time."""
+            nonlocal ticks
+            for _ in range(round(seconds * 20)):
+                ticks += advance
+                clock.publish(Clock(clock=time_msg(SIM_START + ticks / 20)))
+                client.spin_for(0.05)
+            return SIM_START + ticks / 20
 
-    def send_frame(i: int, stamp: float) -> float:
-        """Frame i of the query drive and a GPS fix at its position, both stamped `stamp`."""
-        fix = NavSatFix(latitude=float(query.lat[i]), longitude=float(query.lon[i]))
-        fix.status.status = NavSatStatus.STATUS_FIX
-        fixes.publish(set_stamp(fix, stamp))
-        image = image_msg(read_rgb(query.image_path(i)), stamp)
-        images.publish(image)
-        return stamp_of(image)
+        def send_frame(i: int, stamp: float) -> float:
+            """Frame i of the query drive and a GPS fix at its position, both stamped `stamp`."""
+            fix = NavSatFix(latitude=float(query.lat[i]), longitude=float(query.lon[i]))
+            fix.status.status = NavSatStatus.STATUS_FIX
+            fixes.publish(set_stamp(fix, stamp))
+            image = image_msg(read_rgb(query.image_path(i)), stamp)
+            images.publish(image)
+            return stamp_of(image)
 
-    try:
         client.wait_for_subscriber(images, node)
         run_clock(1.0, advance=True)
         running, stalled = [], []
@@ -66,11 +64,6 @@ def test_node_under_sim_time(synthetic_map, tmp_path):
             stalled.append(send_frame(i, held + i - 5))
         run_clock(2.0, advance=False)
         assert node.alive(), node.log()
-    finally:
-        code = node.stop()
-        client.close()
-    log = node.log()
-    assert code == 0, log
     stamps = [stamp_of(p) for p in poses]
     assert set(stamps) <= set(running + stalled), (stamps, running, stalled)     # the image stamps, exactly
     assert len(set(stamps) & set(running)) >= len(running) - 2, (stamps, running)

@@ -80,7 +80,8 @@ def _header(ns: int, frame_id: str):
     return TYPESTORE.types["std_msgs/msg/Header"](stamp=_stamp(ns), frame_id=frame_id)
 
 
-def _ns(header) -> int:
+def stamp_ns(header) -> int:
+    """A std_msgs/Header's stamp in integer nanoseconds (rclpy or rosbags message)."""
     return int(header.stamp.sec) * 1_000_000_000 + int(header.stamp.nanosec)
 
 
@@ -180,15 +181,16 @@ def read_drive_bag(path: str | Path, topics: DriveTopics = DriveTopics(), decode
         msg = TYPESTORE.deserialize_cdr(raw, msgtype)
         if topic in (topics.image, topics.compressed):
             rgb = decode_image_message(msg) if decode_images else None
-            drive.images.append(BagImage(_ns(msg.header), rgb, msg.header.frame_id))
+            drive.images.append(BagImage(stamp_ns(msg.header), rgb, msg.header.frame_id))
         elif topic == topics.gps:
             cov = float(msg.position_covariance[0])
-            drive.fixes.append(GpsFix(_ns(msg.header), float(msg.latitude), float(msg.longitude), float(msg.altitude),
-                                      int(msg.status.status), math.sqrt(cov) if cov > 0 else float("nan")))
+            drive.fixes.append(GpsFix(stamp_ns(msg.header), float(msg.latitude), float(msg.longitude),
+                                      float(msg.altitude), int(msg.status.status),
+                                      math.sqrt(cov) if cov > 0 else float("nan")))
         else:
             q = msg.pose.orientation
             yaw = 2 * math.atan2(q.z, q.w)
             zone = UtmZone.parse(msg.header.frame_id.removeprefix("utm_"))
-            drive.truth.append(TruthPose(_ns(msg.header), float(msg.pose.position.x), float(msg.pose.position.y),
+            drive.truth.append(TruthPose(stamp_ns(msg.header), float(msg.pose.position.x), float(msg.pose.position.y),
                                          float(yaw_to_heading(yaw)), zone))
     return drive

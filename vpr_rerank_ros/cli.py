@@ -250,7 +250,7 @@ def eval_main(argv: list[str] | None = None) -> int:
     from .datasets.msls import load_side, write_predictions
     from .evaluation import evaluate_queries, rerank_run
     from .mapbuild import map_model
-    from .rerank.base import build_reranker
+    from .rerank.base import build_reranker, reranker_label
 
     parser = argparse.ArgumentParser(prog="vpr-eval", description="Compare re-rankers on MSLS-layout queries.")
     parser.add_argument("--msls", required=True, help="MSLS root (real or synthetic)")
@@ -306,7 +306,7 @@ def eval_main(argv: list[str] | None = None) -> int:
     header = f"{'re-ranker':44s}" + "".join(f"{c:>10s}" for c in columns)
     print(header)
     for name, params, _, metrics in rows:
-        label = name + (" " + ",".join(f"{k}={v}" for k, v in params.items()) if params else "")
+        label = reranker_label(name, params)
         print(f"{label:44s}" + "".join(f"{100 * metrics.get(c, float('nan')):10.2f}" for c in columns))
     if args.out:
         out = Path(args.out)

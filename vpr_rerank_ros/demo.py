@@ -21,6 +21,7 @@ from .datasets.synth_town import BagConfig, SynthConfig, generate, plan_bag_driv
 from .datasets.town import TownConfig
 from .evaluation import evaluate_queries
 from .mapbuild import build_map, map_model
+from .rerank.base import reranker_label
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -101,7 +102,7 @@ def _live_replays(out: Path, config: SynthConfig, args) -> None:
         cells = [f"{live.answered}/{live.sent}", *(f"{e[k]:.1f}" for k in ("median", "p90", "p95")),
                  *(f"{100 * v:.1f}%" for v in shares),
                  *(f"{latency.get(k, float('nan')):.0f}" for k in ("total", "end_to_end"))]
-        label = " ".join([name, ",".join(f"{k}={v}" for k, v in params.items())])
+        label = reranker_label(name, params)
         print(f"{label:28s}" + "".join(f"{c:>9s}" for c in cells))
 
 

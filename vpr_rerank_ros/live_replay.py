@@ -6,9 +6,7 @@ the offline replay's scoring (`replay.score_frames`).
 Pacing: the bag clock runs at `rate` × wall time. With `wait_for_node` it also holds just before each camera
 frame until the node has answered the previous one (or `frame_timeout_s` passed), so a slow CPU still scores
 every frame; without it, frames the node cannot keep up with are dropped by the node (latest frame wins), as
-they would be on a vehicle, and count as failures. The node's processing timer runs on the bag clock, which
-is held just before the next frame: holding needs the node's `rate_hz` to be at least twice the camera rate
-(10 Hz against the 5 Hz synthetic bags), else a frame may wait for its timeout.
+they would be on a vehicle, and count as failures.
 """
 from __future__ import annotations
 
@@ -33,7 +31,7 @@ from rclpy.executors import SingleThreadedExecutor
 from rosgraph_msgs.msg import Clock
 from visualization_msgs.msg import MarkerArray
 
-from .bag import TYPESTORE, DriveTopics, iter_bag, read_drive_bag
+from .bag import TYPESTORE, DriveTopics, iter_bag, read_drive_bag, stamp_ns
 from .mapdb import MapBundle
 from .replay import FrameEstimate, ReplayReport, format_report, score_frames, truth_positions
 
@@ -109,11 +107,13 @@ def replay_live(bag: str | Path, node: NodeSetup, settings: LiveSettings = LiveS
     truth = truth_positions(drive.truth, zone)
     messages = iter_bag(bag, {camera, topics.gps} if settings.use_gps else {camera})
     first = next(messages)
-    with tempfile.TemporaryDirectory(prefix="vpr_replay_") as tmp, \
-            _NodeProcess(node, compressed, topics, Path(tmp)) as process:
+    with tempfile.TemporaryDirectory(prefix="vpr_replay_") as tmp:
+        remaps = [f"image:={topics.image}", f"image/compressed:={topics.compressed}", f"gps/fix:={topics.gps}"]
+        params = [*([node.params_file] if node.params_file else []), _replay_params(node, compressed, Path(tmp))]
+        process = NodeProcess(params, Path(tmp) / "node.log", [arg for r in remaps for arg in ("-r", r)])
         context = rclpy.Context()
-        rclpy.init(args=[], context=context)
         try:
+            rclpy.init(args=[], context=context)
             player = _Player(context, process, camera, topics.gps, settings, start_ns=first[2])
             player.wait_for_node(settings.startup_timeout_s)
             start = time.monotonic()
@@ -121,7 +121,8 @@ def replay_live(bag: str | Path, node: NodeSetup, settings: LiveSettings = LiveS
             final = player.finish()
             wall_s = time.monotonic() - start
         finally:
-            rclpy.shutdown(context=context)
+            rclpy.try_shutdown(context=context)
+            process.stop()
     frames, skipped = [], {}
     for stamp in player.sent:
         if stamp not in truth:
@@ -137,46 +138,51 @@ def replay_live(bag: str | Path, node: NodeSetup, settings: LiveSettings = LiveS
     return LiveReport(report, len(player.sent), answered, player.node_counts(), final, wall_s)
 
 
-class _NodeProcess:
-    """`python -m vpr_rerank_ros.node --ros-args --params-file ...` with the bag's topics remapped; its
-    output goes to a log whose tail is quoted when it fails; stopped with SIGINT."""
+def _replay_params(node: NodeSetup, compressed: bool, folder: Path) -> Path:
+    """The params file with what the replay sets (see NodeSetup)."""
+    params = {"map_path": str(node.map_path), "model_path": str(node.model_path or ""), "reranker": node.reranker,
+              "reranker_params": yaml.safe_dump(node.reranker_params or {}, default_flow_style=True).strip(),
+              "top_k": int(node.top_k), "device": node.device, "compressed": compressed, "output": "utm",
+              "publish_matches": True, "use_sim_time": True}
+    path = folder / "replay_params.yaml"
+    path.write_text(yaml.safe_dump({"vpr_localizer": {"ros__parameters": params}}))
+    return path
 
-    def __init__(self, node: NodeSetup, compressed: bool, topics: DriveTopics, folder: Path) -> None:
-        params = {"map_path": str(node.map_path), "model_path": str(node.model_path or ""),
-                  "reranker": node.reranker,
-                  "reranker_params": yaml.safe_dump(node.reranker_params or {}, default_flow_style=True).strip(),
-                  "top_k": int(node.top_k), "device": node.device, "compressed": compressed, "output": "utm",
-                  "publish_matches": True, "use_sim_time": True}
-        params_path = folder / "replay_params.yaml"
-        params_path.write_text(yaml.safe_dump({"vpr_localizer": {"ros__parameters": params}}))
-        self.command = [sys.executable, "-m", "vpr_rerank_ros.node", "--ros-args",
-                        *(["--params-file", str(node.params_file)] if node.params_file else []),
-                        "--params-file", str(params_path), "-r", f"image:={topics.image}",
-                        "-r", f"image/compressed:={topics.compressed}", "-r", f"gps/fix:={topics.gps}"]
-        self.log_path = folder / "node.log"
 
-    def __enter__(self) -> "_NodeProcess":
-        self.log = open(self.log_path, "w")
-        self.process = subprocess.Popen(self.command, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-                                        stdout=self.log, stderr=subprocess.STDOUT, text=True)
-        return self
+class NodeProcess:
+    """`python -m vpr_rerank_ros.node --ros-args --params-file F ... [ROS_ARGS]` as a subprocess, its output in a
+    log file (a pipe could fill up and block the node); `stop` sends SIGINT, as Ctrl-C would."""
 
-    def __exit__(self, *exc) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGINT)
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self.log.close()
+    def __init__(self, params_files: list, log_path: Path, ros_args: list[str] = (), env: dict | None = None) -> None:
+        self.log_path = Path(log_path)
+        command = [sys.executable, "-m", "vpr_rerank_ros.node", "--ros-args",
+                   *(arg for f in params_files for arg in ("--params-file", str(f))), *ros_args]
+        with open(self.log_path, "w") as log:
+            self.process = subprocess.Popen(command, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+                                            stdout=log, stderr=subprocess.STDOUT, text=True)
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def log(self) -> str:
+        return self.log_path.read_text()
 
     def check_alive(self) -> None:
-        if self.process.poll() is not None:
-            self.log.flush()
-            tail = self.log_path.read_text().strip().splitlines()[-10:]
+        """Raise RuntimeError quoting the log's tail when the node has exited."""
+        if not self.alive():
+            tail = self.log().strip().splitlines()[-10:]
             raise RuntimeError(f"the vpr_localizer node exited with code {self.process.returncode}:\n"
                                + "\n".join(tail))
+
+    def stop(self) -> int:
+        """SIGINT; killed if it does not exit within 20 s. Returns the exit code."""
+        if self.alive():
+            self.process.send_signal(signal.SIGINT)
+        try:
+            return self.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            return self.process.wait()
 
 
 def _message_class(msgtype: str):
@@ -185,14 +191,10 @@ def _message_class(msgtype: str):
     return getattr(importlib.import_module(f"{package}.msg"), name)
 
 
-def _ns(stamp) -> int:
-    return int(stamp.sec) * 1_000_000_000 + int(stamp.nanosec)
-
-
 class _Player:
     """The replay's own ROS node: publishes /clock and the bag's messages, collects the node's answers."""
 
-    def __init__(self, context, process: _NodeProcess, camera: str, gps: str, settings: LiveSettings,
+    def __init__(self, context, process: NodeProcess, camera: str, gps: str, settings: LiveSettings,
                  start_ns: int) -> None:
         self.process, self.camera, self.gps, self.settings = process, camera, gps, settings
         self.node = rclpy.create_node("vpr_replay", context=context)
@@ -214,19 +216,19 @@ class _Player:
     # ------------------------------------------------------------------ callbacks
 
     def _on_pose(self, msg: PoseWithCovarianceStamped) -> None:
-        stamp = _ns(msg.header.stamp)
+        stamp = stamp_ns(msg.header)
         self.poses[stamp] = (msg.pose.pose.position.x, msg.pose.pose.position.y)
         self.answer_wall[stamp] = time.monotonic()
 
     def _on_matches(self, msg: MarkerArray) -> None:
         if msg.markers:
             ranked = sorted(msg.markers, key=lambda m: m.id)
-            self.matches[_ns(msg.markers[0].header.stamp)] = [(m.pose.position.x, m.pose.position.y) for m in ranked]
+            self.matches[stamp_ns(msg.markers[0].header)] = [(m.pose.position.x, m.pose.position.y) for m in ranked]
 
     def _on_diagnostics(self, msg: DiagnosticArray) -> None:
         for status in msg.status:
             if status.name == "vpr_localizer: pipeline":
-                self.diagnostics.append((_ns(msg.header.stamp), {kv.key: kv.value for kv in status.values}))
+                self.diagnostics.append((stamp_ns(msg.header), {kv.key: kv.value for kv in status.values}))
 
     # ------------------------------------------------------------------ playback
 
@@ -280,7 +282,7 @@ class _Player:
                 self._tick(due_ns=t, hold_ns=t - 1 if outstanding else None)
             self._publisher(topic, msgtype).publish(raw)
             if topic == self.camera:
-                stamp = _ns(TYPESTORE.deserialize_cdr(raw, msgtype).header.stamp)
+                stamp = stamp_ns(TYPESTORE.deserialize_cdr(raw, msgtype).header)
                 self.sent[stamp] = time.monotonic()
                 if self.settings.wait_for_node:
                     outstanding = (stamp, time.monotonic() + self.settings.frame_timeout_s)

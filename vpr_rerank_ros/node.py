@@ -97,7 +97,7 @@ class LocalizerNode(Node):
             self.declare_parameter(name, default, ParameterDescriptor(description=text))
         self.p = {name: self.get_parameter(name).value for name in PARAMETERS}
         self._validate(self.p)
-        self.localizer = self._load_localizer()
+        self.localizer, self.enu = self._load_localizer()
         self.conversion, self.decode = image_decoder()
         self.lock = threading.Lock()
         self.wake = threading.Condition(self.lock)   # a frame arrived, or the node stops
@@ -147,7 +147,8 @@ class LocalizerNode(Node):
         return LocalizerSettings(top_k=min(p["top_k"], map_size), pose_matches=min(p["pose_matches"], map_size),
                                  gps_radius_m=p["gps_radius_m"], device=p["device"])
 
-    def _load_localizer(self) -> Localizer:
+    def _load_localizer(self) -> tuple[Localizer, EnuFrame]:
+        """The localizer of the configured map and model, and the ENU frame of the output datum."""
         bundle = MapBundle.load(self.p["map_path"])
         model = map_model(bundle, self.p["model_path"] or None)
         localizer = Localizer(bundle, model, self.p["reranker"], self._settings(self.p, len(bundle)),
@@ -157,8 +158,7 @@ class LocalizerNode(Node):
         lat, lon = self.p["datum_lat"], self.p["datum_lon"]
         if not (math.isfinite(lat) and math.isfinite(lon)):
             lat, lon = float(np.mean(bundle.table.lat)), float(np.mean(bundle.table.lon))
-        self.enu = EnuFrame(lat, lon)
-        return localizer
+        return localizer, EnuFrame(lat, lon)
 
     # ------------------------------------------------------------------ callbacks
 
@@ -285,8 +285,8 @@ class LocalizerNode(Node):
             m.header.stamp, m.header.frame_id = stamp, self.p["map_frame"]
             m.ns, m.id, m.type, m.action = "matches", rank, Marker.SPHERE, Marker.ADD
             if self.p["output"] == "enu":
-                lat, lon = float(self.localizer.bundle.table.lat[match.index]), float(self.localizer.bundle.table.lon[match.index])
-                east, north, _ = self.enu.to_enu(lat, lon)
+                table = self.localizer.bundle.table
+                east, north, _ = self.enu.to_enu(float(table.lat[match.index]), float(table.lon[match.index]))
                 m.pose.position.x, m.pose.position.y = float(east), float(north)
             else:
                 m.pose.position.x, m.pose.position.y = match.easting, match.northing
@@ -318,12 +318,12 @@ class LocalizerNode(Node):
 
     def _on_reload(self, request, response):
         try:
-            localizer = self._load_localizer()
+            localizer, enu = self._load_localizer()
         except (MapError, OSError, ValueError) as exc:
             response.success, response.message = False, str(exc)
             return response
         with self.pipeline:
-            self.localizer = localizer
+            self.localizer, self.enu = localizer, enu
         response.success, response.message = True, f"reloaded {len(localizer.bundle)} map images"
         return response
 

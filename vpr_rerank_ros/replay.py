@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .bag import TYPESTORE, DriveTopics, TruthPose, iter_bag, read_drive_bag
+from .bag import TYPESTORE, DriveTopics, TruthPose, iter_bag, read_drive_bag, stamp_ns
 from .geo import UtmZone, latlon_to_utm, utm_to_latlon
 from .images import ImageError, decode_image_message
 from .localizer import Localizer, hint_from_fix
@@ -83,7 +83,7 @@ def replay_bag(path: str | Path, localizer: Localizer, topics: DriveTopics = Dri
     fix, frames, skipped, timings = None, [], {}, {}
     for topic, msgtype, _, raw in iter_bag(path, {topics.image, topics.compressed, topics.gps}):
         msg = TYPESTORE.deserialize_cdr(raw, msgtype)
-        stamp = int(msg.header.stamp.sec) * 1_000_000_000 + int(msg.header.stamp.nanosec)
+        stamp = stamp_ns(msg.header)
         if topic == topics.gps:
             hint = hint_from_fix(msg)
             fix = (*hint, stamp) if hint is not None else fix

@@ -68,6 +68,11 @@ def build_reranker(name: str, **params) -> Reranker:
         raise ValueError(f"re-ranker {name!r}: {exc}") from exc
 
 
+def reranker_label(name: str, params: dict) -> str:
+    """'superglobal P=1,beta=0.6': a re-ranker and its parameters in one table cell."""
+    return " ".join([name, ",".join(f"{k}={v}" for k, v in params.items())]).strip()
+
+
 def rerank_order(scores: torch.Tensor) -> torch.Tensor:
     """(B, K) indices of the candidates in their new order (stable: ties keep the initial order)."""
     return torch.sort(scores.float(), dim=1, descending=True, stable=True).indices
