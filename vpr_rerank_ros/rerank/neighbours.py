@@ -79,8 +79,7 @@ class GnnKnn(Reranker):
         h = (adjacency + adjacency.transpose(1, 2)) / 2                        # eq. 9
         edges = order[..., :min(self.k2, n)]                                    # eq. 12: top-k2 by similarity
         weight = torch.gather(sim, 2, edges).clamp_min(0) ** self.alpha
+        mix = torch.zeros_like(sim).scatter_(2, edges, weight)                 # row i: its top-k2 neighbours' weights
         for _ in range(self.layers):                                          # eq. 14, sum aggregation
-            neighbours = torch.gather(h.unsqueeze(1).expand(-1, n, -1, -1), 2,
-                                      edges.unsqueeze(-1).expand(-1, -1, -1, n))   # (B, N, k2, N)
-            h = F.normalize(h + (weight.unsqueeze(-1) * neighbours).sum(2), dim=2)
+            h = F.normalize(h + torch.bmm(mix, h), dim=2)
         return torch.einsum("bj,bkj->bk", h[:, 0], h[:, 1:]).to(dtype)
