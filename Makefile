@@ -16,9 +16,6 @@ export AMENT_PREFIX_PATH := $(abspath $(VENV))
 export ROS_AUTOMATIC_DISCOVERY_RANGE := LOCALHOST
 export ROS_HOME := $(abspath .ros_home)
 export ROS_DOMAIN_ID ?= $(shell $(PYTHON) -c 'import random; print(random.randint(1, 101))')
-# OpenMP threads that sleep instead of spinning while they wait: with torch's default (spinning) a CPU shared with
-# other processes made one descriptor take 2 s instead of 50 ms here.
-export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: setup test demo clean
 
