@@ -51,6 +51,7 @@ setup(
             "vpr-eval = vpr_rerank_ros.cli:eval_main",
             "vpr_localizer = vpr_rerank_ros.node:main",
             "vpr-replay = vpr_rerank_ros.cli:replay_main",
+            "vpr-train = vpr_rerank_ros.cli:train_main",
         ],
     },
 )

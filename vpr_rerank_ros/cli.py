@@ -405,3 +405,113 @@ def _replay_live(args):
     live = replay_live(args.bag, node, settings)
     print(format_live_report(live))
     return live.report
+
+
+def _city_map(text: str) -> tuple[str, str]:
+    city, sep, path = text.partition("=")
+    if not sep or not city or not path:
+        raise argparse.ArgumentTypeError(f"expected CITY=MAP_DIR, got {text!r}")
+    return city, path
+
+
+def train_main(argv: list[str] | None = None) -> int:
+    """`vpr-train`: the thesis's two training steps on MSLS-layout cities (FC1, then the GNN with FC1 frozen)."""
+    from pathlib import Path
+
+    import torch
+    import yaml
+
+    from .datasets.msls import load_side
+    from .descriptors.extract import pick_device
+    from .mapbuild import map_model
+    from .rerank.base import build_reranker
+    from .rerank.learned import load_reranker
+    from .training import THESIS_SCHEDULE, TrainSettings, candidate_set, train
+
+    parser = argparse.ArgumentParser(prog="vpr-train", description="Train the GNN re-ranker (thesis 3.3) on "
+                                     "MSLS-layout cities, each with a map of its database side (vpr-map build).")
+    parser.add_argument("--msls", required=True, help="MSLS root (real or synthetic)")
+    parser.add_argument("--train", action="append", type=_city_map, required=True, metavar="CITY=MAP",
+                        help="a training city and its map (repeatable)")
+    parser.add_argument("--val", action="append", type=_city_map, required=True, metavar="CITY=MAP",
+                        help="a validation city and its map (repeatable); epochs are chosen by its mAP@10")
+    parser.add_argument("--out", required=True, help="folder for fc/ and gnn/ checkpoints and logs")
+    parser.add_argument("--config", help="YAML overriding the thesis schedule (keys as training.THESIS_SCHEDULE)")
+    parser.add_argument("--steps", default="fc,gnn", help="fc, gnn or fc,gnn (default)")
+    parser.add_argument("--fc-weights", help="for --steps gnn: the step-1 checkpoint whose FC1 is frozen in the GNN")
+    parser.add_argument("--descriptors", help="HDF5 of precomputed query descriptors of all cities (keys, "
+                                              "descriptors) instead of describing the query images")
+    parser.add_argument("--device", default="auto", help="cuda, cpu or auto (default)")
+    args = parser.parse_args(argv)
+    steps = args.steps.split(",")
+    if steps not in (["fc"], ["gnn"], ["fc", "gnn"]):
+        print(f"vpr-train: --steps must be fc, gnn or fc,gnn, got {args.steps!r}", file=sys.stderr)
+        return 2
+    if steps == ["gnn"] and not args.fc_weights:
+        print("vpr-train: --steps gnn needs --fc-weights (the FC1 trained in step 1)", file=sys.stderr)
+        return 2
+    try:
+        schedule = _merged(THESIS_SCHEDULE, yaml.safe_load(Path(args.config).read_text()) if args.config else {})
+        common = {k: schedule[k] for k in ("lr", "lr_decay", "batch_size", "bins", "seed")}
+        settings = {step: TrainSettings(epochs=schedule[step]["epochs"], K=schedule[step]["K"], **common)
+                    for step in ("fc", "gnn")}
+        device = str(pick_device(None if args.device == "auto" else args.device))
+        k = max(settings[step].K for step in steps)
+
+        def sets(pairs):
+            out = []
+            for city, path in pairs:
+                bundle = MapBundle.load(path)
+                query = load_side(args.msls, city, "query")
+                descriptors = model = None
+                if args.descriptors:
+                    descriptors = _query_descriptors(args.descriptors, bundle, list(query.keys))
+                else:
+                    model = map_model(bundle)
+                data = candidate_set(bundle, query, k, descriptors, model, schedule["min_overlap"], device)
+                print(f"{city}: {len(data.run.query)} queries, {len(data.trainable)} with a relevant candidate "
+                      f"among the top {k}")
+                out.append(data)
+            return out
+
+        train_sets, val_sets = sets(args.train), sets(args.val)
+        dims = {data.bundle.dim for data in train_sets + val_sets}
+        if len(dims) != 1:
+            raise ValueError(f"the maps hold descriptors of different dimensions {sorted(dims)}")
+        dim = dims.pop()
+        gnn_params = {"dim": dim, "K": settings["gnn"].K, **schedule["gnn"].get("model", {})}
+        out = Path(args.out)
+        if "fc" in steps:
+            torch.manual_seed(schedule["seed"])                       # reproducible initial weights
+            fc = build_reranker("fc", dim=dim, hidden=gnn_params.get("hidden", 512))
+            fc_weights = train(fc, train_sets, val_sets, settings["fc"], out / "fc", device)
+        else:
+            fc_weights = args.fc_weights
+        if "gnn" in steps:
+            fc = load_reranker(fc_weights)
+            torch.manual_seed(schedule["seed"])
+            gnn = build_reranker("gnn", **gnn_params)
+            gnn.fc1.load_state_dict(fc.fc1.state_dict())
+            gnn.fc1.requires_grad_(False)
+            train(gnn, train_sets, val_sets, settings["gnn"], out / "gnn", device)
+    except (MapError, OSError, ValueError, KeyError, TypeError) as exc:
+        print(f"vpr-train: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _merged(defaults: dict, overrides: dict) -> dict:
+    """`defaults` with `overrides` applied; nested sections merge key by key and refuse unknown keys, except
+    `model` (GNN parameters, checked by the model's config)."""
+    unknown = set(overrides) - set(defaults)
+    if unknown:
+        raise ValueError(f"unknown schedule keys {sorted(unknown)}; known: {sorted(defaults)}")
+    merged = dict(defaults)
+    for key, value in overrides.items():
+        if key == "model":
+            merged[key] = {**defaults[key], **(value or {})}
+        elif isinstance(defaults[key], dict):
+            merged[key] = _merged(defaults[key], value or {})
+        else:
+            merged[key] = value
+    return merged

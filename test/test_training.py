@@ -1,0 +1,150 @@
+"""Training: the quantized-AP loss against the thesis's equations, FoV relevance labels, the epoch loop's
+checkpoints and choice, and vpr-train's two steps on the synthetic town."""
+import csv
+import math
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from vpr_rerank_ros.cli import train_main
+from vpr_rerank_ros.datasets.msls import load_side
+from vpr_rerank_ros.geo import fov_overlap, latlon_to_utm, meridian_convergence_deg
+from vpr_rerank_ros.mapbuild import map_model
+from vpr_rerank_ros.rerank.base import build_reranker
+from vpr_rerank_ros.rerank.learned import load_reranker
+from vpr_rerank_ros.training import TrainSettings, candidate_set, quantized_ap, train, validation_map10
+
+
+def quantized_ap_reference(scores, labels, bins):
+    """Eq. 2.27-2.33 literally: triangle kernels, binned precision over the first k bins, binned recall step."""
+    delta = 2.0 / (bins - 1)
+    centres = [1.0 - i * delta for i in range(bins)]
+    kernel = [[max(1.0 - abs(s - b) / delta, 0.0) for s in scores] for b in centres]
+    n = sum(labels)
+    ap = 0.0
+    for k in range(bins):
+        hits = sum(kernel[i][j] * labels[j] for i in range(k + 1) for j in range(len(scores)))
+        mass = sum(kernel[i][j] for i in range(k + 1) for j in range(len(scores)))
+        precision = hits / mass if mass > 0 else 0.0
+        recall_step = sum(kernel[k][j] * labels[j] for j in range(len(scores))) / n
+        ap += precision * recall_step
+    return ap
+
+
+def exact_ap(scores, labels):
+    order = np.argsort(-np.asarray(scores), kind="stable")
+    y = np.asarray(labels)[order]
+    return float(sum(y[i] * y[:i + 1].mean() for i in range(len(y))) / y.sum())
+
+
+def test_quantized_ap_follows_the_equations():
+    g = torch.Generator().manual_seed(0)
+    scores = torch.rand(4, 30, generator=g, dtype=torch.float64) * 2 - 1
+    labels = torch.rand(4, 30, generator=g) < 0.3
+    for bins in (5, 20):
+        got = quantized_ap(scores, labels, bins)
+        for b in range(4):
+            assert got[b].item() == pytest.approx(quantized_ap_reference(scores[b].tolist(), labels[b].tolist(), bins),
+                                                  abs=1e-9)
+    # With fine bins it approaches the exact AP of the ranking; well separated scores give 1.
+    fine = quantized_ap(scores, labels, 2001)
+    for b in range(4):
+        assert fine[b].item() == pytest.approx(exact_ap(scores[b].numpy(), labels[b].numpy()), abs=0.02)
+    separated = torch.tensor([[0.9, -0.5, 0.8, -0.6]])
+    assert quantized_ap(separated, torch.tensor([[True, False, True, False]])).item() == pytest.approx(1.0)
+    assert quantized_ap(separated, torch.tensor([[False, True, False, True]])).item() < 0.6
+    assert math.isnan(quantized_ap(separated, torch.zeros(1, 4, dtype=torch.bool)).item())   # nothing relevant
+    with pytest.raises(ValueError, match="bins"):
+        quantized_ap(separated, separated > 0, bins=1)
+
+
+def test_quantized_ap_has_gradients_towards_the_relevant():
+    scores = torch.tensor([[0.1, 0.14, -0.5]], requires_grad=True)   # an irrelevant one in the relevant's bins
+    (1 - quantized_ap(scores, torch.tensor([[True, False, False]]))).sum().backward()
+    assert torch.isfinite(scores.grad).all()
+    assert scores.grad[0, 0] < 0 and scores.grad[0, 1] > 0          # raise the relevant, lower the other
+    assert scores.grad[0, 2] == 0                                   # bins away from any relevant: no say
+
+
+@pytest.fixture(scope="module")
+def town_sets(synthetic_map):
+    root, report = synthetic_map
+    bundle = report.bundle
+    query = load_side(root / "msls", "synth0", "query")
+    return candidate_set(bundle, query, 40, model=map_model(bundle)), root, bundle
+
+
+def test_candidates_are_labelled_by_fov_overlap_with_the_query(town_sets):
+    data, _, bundle = town_sets
+    q = data.run.query
+    east, north, _ = latlon_to_utm(q.lat, q.lon, bundle.table.zone)
+    heading = q.heading - meridian_convergence_deg(q.lat, q.lon, bundle.table.zone)
+    for i in (0, 7, 31):
+        overlap = fov_overlap(np.array([east[i], north[i], heading[i]]), bundle.table.poses[data.run.result.ids[i]])
+        assert np.array_equal(data.relevant[i], overlap > 1 / 3)
+    assert data.relevant.shape == (32, 40) and 0 < data.relevant.mean() < 1
+    assert len(data.trainable) == int(data.relevant.any(1).sum()) > 16
+
+
+def test_train_writes_every_epoch_and_keeps_the_best(town_sets, tmp_path):
+    data, _, bundle = town_sets
+    model = build_reranker("gnn", dim=bundle.dim, K=40, L=20, width=48, heads=4, mlp=96)
+    settings = TrainSettings(epochs=3, K=40, lr=1e-3, batch_size=8)
+    lines = []
+    best = train(model, [data], [data], settings, tmp_path, log=lines.append)
+    assert sorted(p.name for p in tmp_path.glob("*.safetensors")) == \
+        ["best.safetensors", "epoch_01.safetensors", "epoch_02.safetensors", "epoch_03.safetensors"]
+    log = list(csv.DictReader(open(tmp_path / "log.csv")))
+    assert [int(r["epoch"]) for r in log] == [1, 2, 3]
+    assert [float(r["lr"]) for r in log] == pytest.approx([1e-3, 9e-4, 8.1e-4])
+    assert float(log[-1]["loss"]) < float(log[0]["loss"])              # it learns (on its own queries)
+    chosen = max(log, key=lambda r: float(r["val_map@10"]))
+    kept = load_file(str(tmp_path / f"epoch_{int(chosen['epoch']):02d}.safetensors"))
+    assert all(torch.equal(tensor, kept[name]) for name, tensor in load_file(str(best)).items())
+    loaded = load_reranker(best)
+    assert loaded.trained and validation_map10(loaded, [data], 40, "cpu") == pytest.approx(float(chosen["val_map@10"]))
+    assert lines[-1].startswith(f"best: epoch_{int(chosen['epoch']):02d}")
+    with pytest.raises(ValueError, match="needs K = 80"):
+        train(model, [data], [data], TrainSettings(epochs=1, K=80), tmp_path / "x")
+
+
+def test_vpr_train_runs_both_steps_with_fc1_frozen(synthetic_map, tmp_path, capsys):
+    root, report = synthetic_map
+    config = tmp_path / "tiny.yaml"
+    config.write_text("batch_size: 8\nlr: 1.0e-3\nfc: {epochs: 2, K: 40}\n"
+                      "gnn: {epochs: 1, K: 40, model: {L: 20, width: 48, heads: 4, mlp: 96}}\n")
+    city = f"synth0={report.bundle.root}"
+    out = tmp_path / "run"
+    assert train_main(["--msls", str(root / "msls"), "--train", city, "--val", city, "--out", str(out),
+                       "--config", str(config), "--device", "cpu"]) == 0
+    text = capsys.readouterr().out
+    assert "synth0: 32 queries" in text and text.count("best: epoch_") == 2
+    fc, gnn = load_file(str(out / "fc" / "best.safetensors")), load_file(str(out / "gnn" / "best.safetensors"))
+    assert torch.equal(fc["fc1.weight"], gnn["fc1.weight"]) and torch.equal(fc["fc1.bias"], gnn["fc1.bias"])
+    model = load_reranker(out / "gnn" / "best.safetensors")
+    assert (model.config.K, model.config.L, model.config.width) == (40, 20, 48)
+    # Step 2 alone from the step-1 checkpoint gives the same GNN.
+    again = tmp_path / "again"
+    assert train_main(["--msls", str(root / "msls"), "--train", city, "--val", city, "--out", str(again),
+                       "--config", str(config), "--device", "cpu", "--steps", "gnn",
+                       "--fc-weights", str(out / "fc" / "best.safetensors")]) == 0
+    assert torch.equal(load_file(str(again / "gnn" / "best.safetensors"))["fc2.weight"], gnn["fc2.weight"])
+
+
+def test_vpr_train_errors(synthetic_map, tmp_path, capsys):
+    root, report = synthetic_map
+    base = ["--msls", str(root / "msls"), "--val", f"synth0={report.bundle.root}", "--out", str(tmp_path / "o")]
+    with pytest.raises(SystemExit):
+        train_main([*base, "--train", "synth0"])
+    assert "expected CITY=MAP_DIR" in capsys.readouterr().err
+    train = ["--train", f"synth0={report.bundle.root}"]
+    assert train_main([*base, *train, "--steps", "gnn"]) == 2
+    assert "needs --fc-weights" in capsys.readouterr().err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("learning_rate: 0.1\n")
+    assert train_main([*base, *train, "--config", str(bad)]) == 1
+    assert "unknown schedule keys ['learning_rate']" in capsys.readouterr().err
+    assert train_main([*base, "--train", f"nowhere={report.bundle.root}"]) == 1
+    assert "no such directory" in capsys.readouterr().err
