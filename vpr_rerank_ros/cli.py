@@ -475,10 +475,11 @@ def train_main(argv: list[str] | None = None) -> int:
             return out
 
         train_sets, val_sets = sets(args.train), sets(args.val)
-        dims = {data.bundle.dim for data in train_sets + val_sets}
-        if len(dims) != 1:
-            raise ValueError(f"the maps hold descriptors of different dimensions {sorted(dims)}")
-        dim = dims.pop()
+        models = {data.bundle.meta["descriptor"].get("identity") or data.bundle.dim for data in train_sets + val_sets}
+        if len(models) != 1:
+            raise ValueError("the maps were built with different descriptor models: build them all with the same "
+                             "--model (a re-ranker learns one descriptor space)")
+        dim = train_sets[0].bundle.dim
         gnn_params = {"dim": dim, "K": settings["gnn"].K, **schedule["gnn"].get("model", {})}
         out = Path(args.out)
         if "fc" in steps:

@@ -131,6 +131,8 @@ def train(model: LearnedReranker, train_sets: list[CandidateSet], val_sets: list
     (1 - AP_Q, averaged over the batch's queries); after every epoch write `epoch_NN.safetensors` and score
     it on `val_sets` (mAP@10); copy the best epoch to `best.safetensors` and return its path. A `log.csv`
     records loss, learning rate, validation mAP@10 and time per epoch."""
+    if not train_sets or not val_sets:
+        raise ValueError("training needs at least one training and one validation candidate set")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     parameters = [p for p in model.parameters() if p.requires_grad]

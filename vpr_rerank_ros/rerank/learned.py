@@ -222,22 +222,18 @@ class LearnedReranker(Reranker):
     def refine(self, query, candidates, poses=None, overlaps=None, query_heading=None, ids=None) -> torch.Tensor:
         """(B, K+1, width) L2-normalised refined node descriptors (row 0 = query)."""
         features = self.input_dropout(self.node_features(query, candidates, poses, overlaps, query_heading, ids))
-        if self.training or torch.is_grad_enabled():
-            x = self.fc2(features)
-            for layer in self.layers:
-                x = layer(x)
-            return F.normalize(x, dim=-1)
-        # Inference: FC2 is folded into the first layer's q/k/v projection, and a single graph (the
+        # Inference shortcuts: FC2 is folded into the first layer's q/k/v projection, and a single graph (the
         # localizer's case) runs channel-major (see channel_linear; batches run faster node-major).
-        fold_weight, fold_bias = self._folded_first_projection()
-        if features.shape[0] == 1:
+        inference = not self.training and not torch.is_grad_enabled()
+        if inference and features.shape[0] == 1:
             columns = features[0].t()
             x = channel_linear(self.fc2.weight, self.fc2.bias, columns)
-            qkv = channel_linear(fold_weight, fold_bias, columns)
+            qkv = channel_linear(*self._folded_first_projection(), columns)
             for i, layer in enumerate(self.layers):
                 x = layer.forward_channels(x, qkv if i == 0 else None)
             return F.normalize(x.t(), dim=-1)[None]
-        x, qkv = self.fc2(features), F.linear(features, fold_weight, fold_bias)
+        x = self.fc2(features)
+        qkv = F.linear(features, *self._folded_first_projection()) if inference else None
         for i, layer in enumerate(self.layers):
             x = layer(x, qkv if i == 0 else None)
         return F.normalize(x, dim=-1)
