@@ -17,4 +17,4 @@ for city in $train_cities $val_cities; do
     case " $val_cities " in *" $city "*) role=--val ;; *) role=--train ;; esac
     args+=("$role" "$city=$out/maps/$city")
 done
-"$bin/vpr-train" --msls "$msls" "${args[@]}" --out "$out/run"
+"$bin/vpr-train" --msls "$msls" "${args[@]}" --model "$weights" --out "$out/run"

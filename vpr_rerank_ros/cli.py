@@ -439,6 +439,7 @@ def train_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", help="YAML overriding the thesis schedule (keys as training.THESIS_SCHEDULE)")
     parser.add_argument("--steps", default="fc,gnn", help="fc, gnn or fc,gnn (default)")
     parser.add_argument("--fc-weights", help="for --steps gnn: the step-1 checkpoint whose FC1 is frozen in the GNN")
+    parser.add_argument("--model", help="descriptor weights for the queries, for maps that do not store their model")
     parser.add_argument("--descriptors", help="HDF5 of precomputed query descriptors of all cities (keys, "
                                               "descriptors) instead of describing the query images")
     parser.add_argument("--device", default="auto", help="cuda, cpu or auto (default)")
@@ -467,7 +468,7 @@ def train_main(argv: list[str] | None = None) -> int:
                 if args.descriptors:
                     descriptors = _query_descriptors(args.descriptors, bundle, list(query.keys))
                 else:
-                    model = map_model(bundle)
+                    model = map_model(bundle, args.model)
                 data = candidate_set(bundle, query, k, descriptors, model, schedule["min_overlap"], device)
                 print(f"{city}: {len(data.run.query)} queries, {len(data.trainable)} with a relevant candidate "
                       f"among the top {k}")
