@@ -61,6 +61,12 @@ class RosClient:
         self.executor = SingleThreadedExecutor(context=self.context)
         self.executor.add_node(self.node)
 
+    def collect(self, msg_type, topic: str, depth: int) -> list:
+        """A list that every message received on `topic` is appended to."""
+        received = []
+        self.node.create_subscription(msg_type, topic, received.append, depth)
+        return received
+
     def spin_for(self, seconds: float) -> None:
         end = time.monotonic() + seconds
         while time.monotonic() < end:

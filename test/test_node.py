@@ -25,9 +25,8 @@ def test_node_localises_frames_over_dds(synthetic_map, tmp_path):
     params = write_params(tmp_path / "params.yaml", map_path=str(report.bundle.root), top_k=20, rate_hz=4.0,
                           datum_lat=datum[0], datum_lon=datum[1])
     with running_node(params, tmp_path) as (node, client):
-        poses, diagnostics = [], []
-        client.node.create_subscription(PoseWithCovarianceStamped, "/vpr_localizer/pose", poses.append, 10)
-        client.node.create_subscription(DiagnosticArray, "/diagnostics", diagnostics.append, 10)
+        poses = client.collect(PoseWithCovarianceStamped, "/vpr_localizer/pose", 10)
+        diagnostics = client.collect(DiagnosticArray, "/diagnostics", 10)
         images = client.node.create_publisher(Image, "/image", qos_profile_sensor_data)
         fixes = client.node.create_publisher(NavSatFix, "/gps/fix", qos_profile_sensor_data)
         client.wait_for_subscriber(images, node)

@@ -53,10 +53,10 @@ def test_flood_at_30_hz_keeps_memory_and_latency_bounded(slow_map, synthetic_map
     params = write_params(tmp_path / "params.yaml", map_path=str(map_path), model_path=str(weights),
                           top_k=MAP_IMAGES, pose_matches=3, device="cpu")
     with running_node(params, tmp_path) as (node, client):
-        poses, diagnostics = [], []     # poses as (receive time, message)
+        poses = []                      # as (receive time, message)
         client.node.create_subscription(PoseWithCovarianceStamped, "/vpr_localizer/pose",
                                         lambda msg: poses.append((time.time(), msg)), 100)
-        client.node.create_subscription(DiagnosticArray, "/diagnostics", diagnostics.append, 10)
+        diagnostics = client.collect(DiagnosticArray, "/diagnostics", 10)
         images = client.node.create_publisher(Image, "/image", qos_profile_sensor_data)
         sent, rss_mib = 0, []
         client.wait_for_subscriber(images, node)

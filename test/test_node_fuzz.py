@@ -121,9 +121,8 @@ def test_node_survives_fuzzed_messages(synthetic_map, tmp_path, compressed):
     params = write_params(tmp_path / "params.yaml", map_path=str(report.bundle.root), top_k=20, rate_hz=50.0,
                           compressed=compressed)
     with running_node(params, tmp_path) as (node, client):
-        poses, diagnostics = [], []
-        client.node.create_subscription(PoseWithCovarianceStamped, "/vpr_localizer/pose", poses.append, 100)
-        client.node.create_subscription(DiagnosticArray, "/diagnostics", diagnostics.append, 10)
+        poses = client.collect(PoseWithCovarianceStamped, "/vpr_localizer/pose", 100)
+        diagnostics = client.collect(DiagnosticArray, "/diagnostics", 10)
         images = client.node.create_publisher(type(good_msg), "/image/compressed" if compressed else "/image",
                                               qos_profile_sensor_data)
         gps = client.node.create_publisher(NavSatFix, "/gps/fix", qos_profile_sensor_data)

@@ -26,9 +26,8 @@ def test_node_under_sim_time(synthetic_map, tmp_path):
     params = write_params(tmp_path / "params.yaml", map_path=str(report.bundle.root), top_k=20, rate_hz=4.0,
                           use_sim_time=True)
     with running_node(params, tmp_path) as (node, client):
-        poses, diagnostics = [], []
-        client.node.create_subscription(PoseWithCovarianceStamped, "/vpr_localizer/pose", poses.append, 100)
-        client.node.create_subscription(DiagnosticArray, "/diagnostics", diagnostics.append, 100)
+        poses = client.collect(PoseWithCovarianceStamped, "/vpr_localizer/pose", 100)
+        diagnostics = client.collect(DiagnosticArray, "/diagnostics", 100)
         clock = client.node.create_publisher(Clock, "/clock", 10)
         images = client.node.create_publisher(Image, "/image", qos_profile_sensor_data)
         fixes = client.node.create_publisher(NavSatFix, "/gps/fix", qos_profile_sensor_data)

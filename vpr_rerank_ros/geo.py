@@ -343,12 +343,12 @@ class OverlapGraph:
             if idx.size and (idx.max() >= self.size or idx.min() < -1):
                 raise IndexError(f"{name} index out of range for a map of {self.size} images")
         # One CSR row slice; each stored neighbour goes to its column through a map-index -> column table
-        # whose spare last column takes neighbours not asked for (2.5x faster than scipy's column slicing).
+        # whose spare last column takes neighbours not asked for (2.2-2.8x faster than scipy's column slicing).
         targets, inverse = np.unique(cols, return_inverse=True)
         valid = rows >= 0
         block = self.matrix[rows[valid]]
         spare = targets.size
-        column = np.full(self.size + 1, spare, dtype=np.int64)
+        column = np.full(self.size + 1, spare, dtype=np.int32)
         column[targets] = np.arange(targets.size)
         column[-1] = spare                                     # padding (-1) columns stay empty
         out = np.zeros((rows.size, spare + 1), dtype=np.float32)
