@@ -14,13 +14,12 @@ import torch
 import torch.nn.functional as F
 
 from vpr_rerank_ros.geo import OverlapGraph, fov_overlap
-from vpr_rerank_ros.rerank.base import build_reranker, reranker_label
+from vpr_rerank_ros.rerank import COMPARED, RerankInputs, build_reranker, reranker_label
 
 K, L, D = 319, 127, 4096
 MAP_SIZE = 2000
-RERANKERS = [("none", {}), ("aqe", {"k": 1}), ("alpha_qe", {"k": 1, "alpha": 1.0}),
-             ("superglobal", {"P": 1, "beta": 0.6}), ("k_reciprocal", {}), ("gnn_knn", {}),
-             ("fc", {}), ("gnn", {"layers": 1}), ("gnn", {"layers": 1, "positional": False}), ("gnn", {"layers": 2})]
+RERANKERS = [*COMPARED, ("fc", {}), ("gnn", {"layers": 1}), ("gnn", {"layers": 1, "positional": False}),
+             ("gnn", {"layers": 2})]
 UNCACHED = ("gnn", {"layers": 1})   # also timed without the map's FC1 cache
 
 
@@ -59,8 +58,8 @@ def main() -> None:
                     with torch.inference_mode():
                         overlaps = None
                         if reranker.uses_geometry:
-                            overlaps = torch.from_numpy(np.stack([graph.lookup(r, r) for r in ids])).to(device)
-                        reranker(q, c, poses, overlaps, ids=rows)
+                            overlaps = torch.from_numpy(graph.lookup_batch(ids)).to(device)
+                        reranker(RerankInputs(q, c, poses, overlaps, ids=rows))
                         if device == "cuda":
                             torch.cuda.synchronize()
 

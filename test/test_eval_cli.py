@@ -21,7 +21,7 @@ def test_vpr_eval_compares_rerankers(synthetic_map, tmp_path, capsys):
                       "--reranker", f"gnn:dim={dim},K=40,L=20,layers=1", "--grid", "--out", str(out)])
     assert code == 0
     captured = capsys.readouterr()
-    assert "WARNING: gnn has no trained weights" in captured.err
+    assert "WARNING: re-ranker gnn has NO TRAINED WEIGHTS" in captured.err
     lines = captured.out.splitlines()
     assert any(line.startswith("re-ranker") and "map@10" in line and "recall@20" in line for line in lines)
     assert any(line.startswith("grid superglobal: best by mAP@10") for line in lines)
@@ -41,9 +41,13 @@ def test_vpr_eval_errors(synthetic_map, tmp_path, capsys):
     assert eval_main([*args, "--reranker", "fancy"]) == 1
     assert "unknown re-ranker 'fancy'" in capsys.readouterr().err
     assert eval_main([*args, "-K", "40", "--reranker", "gnn:K=40,L=20"]) == 1    # D = 4096 expected
-    assert f"expects 4096-D descriptors (its `dim`), got {report.bundle.dim}-D" in capsys.readouterr().err
+    assert f"expects 4096-D descriptors (its `dim`), the map {report.bundle.root} holds {report.bundle.dim}-D" \
+        in capsys.readouterr().err
     assert eval_main([*args, "-K", "40", "--reranker", f"gnn:dim={report.bundle.dim}"]) == 1   # L = 127 > K
     assert "needs at least L = 127 candidates, got 40" in capsys.readouterr().err
+    fov = f"gnn:dim={report.bundle.dim},K=40,L=20,fov_radius=80.0"     # the map's overlaps assume 50 m
+    assert eval_main([*args, "-K", "40", "--reranker", fov]) == 1
+    assert "trained with a 80 m / 90° field of view, the map" in capsys.readouterr().err
     assert eval_main(["--msls", str(root / "msls"), "--city", "nowhere", "--map", str(report.bundle.root)]) == 1
     assert "no such directory" in capsys.readouterr().err
 

@@ -215,8 +215,16 @@ def test_overlap_graph_matches_dense_matrix():
     for size in (0, 1, 40, 400):
         rows, cols = rng.integers(-1, 300, size), rng.integers(-1, 300, 2 * size)
         assert np.allclose(graph.lookup(rows, cols), padded[np.ix_(rows, cols)], atol=1e-6)
+    # A batch in one call: each query's own K x K block, and (B, R) x (B, C) blocks.
+    batch = rng.integers(-1, 300, (5, 30))
+    assert np.allclose(graph.lookup_batch(batch), np.stack([padded[np.ix_(r, r)] for r in batch]), atol=1e-6)
+    cols = rng.integers(-1, 300, (5, 7))
+    assert np.allclose(graph.lookup_batch(batch, cols),
+                       np.stack([padded[np.ix_(r, c)] for r, c in zip(batch, cols)]), atol=1e-6)
     with pytest.raises(IndexError):
         graph.lookup([300], [0])
+    with pytest.raises(ValueError, match=r"\(B, R\)"):
+        graph.lookup_batch(batch[0])
 
 
 def test_overlap_graph_save_load(tmp_path):

@@ -5,11 +5,16 @@ import math
 import numpy as np
 import pytest
 
+import torch
+
 from vpr_rerank_ros.datasets.msls import load_city
-from vpr_rerank_ros.geo import latlon_to_utm
+from vpr_rerank_ros.descriptors.extract import DescriptorExtractor
+from vpr_rerank_ros.geo import UtmZone, compass_to_grid, latlon_to_utm
 from vpr_rerank_ros.images import read_rgb
 from vpr_rerank_ros.localizer import Localizer, LocalizerSettings
 from vpr_rerank_ros.mapbuild import map_model
+from vpr_rerank_ros.mapdb import MapBundle, MapTable
+from vpr_rerank_ros.rerank import Reranker
 
 from test_descriptors import small_model
 
@@ -55,18 +60,80 @@ def test_gps_hint_restricts_and_falls_back(localizer_and_queries):
     assert not invalid.gps_used and "invalid GPS hint" in invalid.gps_note
 
 
-def test_reranker_swap_and_refusals(localizer_and_queries, synthetic_map):
-    localizer, query = localizer_and_queries
-    localizer.set_reranker("superglobal", P=1, beta=0.6)
-    result = localizer.localize(read_rgb(query.image_path(1)))
-    assert len(result.matches) == 20
-    localizer.set_reranker("none")
+def test_refusals(localizer_and_queries, synthetic_map):
+    localizer, _ = localizer_and_queries
     with pytest.raises(ValueError, match="does not match the map"):
         Localizer(synthetic_map[1].bundle, small_model())
     with pytest.raises(ValueError, match="uint8 RGB"):
         localizer.localize(np.zeros((10, 10), np.float32))
     with pytest.raises(ValueError, match="pose_matches"):
         LocalizerSettings(top_k=3, pose_matches=5)
+    with pytest.raises(ValueError, match="has no parameter 'Q'"):
+        localizer.set_reranker("superglobal", Q=1)
+
+
+@pytest.fixture(scope="module")
+def decoy_map(tmp_path_factory):
+    """A map built around one image's descriptor d: a lone decoy A far away is the nearest neighbour of d
+    (cosine 0.80), while three near-identical views B, C, D of the true place follow (cosine 0.78). Re-ranking
+    by neighbourhood (SuperGlobal) must put the cluster first; the retrieval order keeps the decoy."""
+    model = small_model()
+    image = (np.random.default_rng(0).random((48, 64, 3)) * 255).astype(np.uint8)
+    d = DescriptorExtractor(model, "cpu").describe_arrays([image])[0].astype(np.float64)
+    basis = np.linalg.qr(np.c_[d, np.random.default_rng(1).normal(size=(96, 12))])[0][:, 1:]   # orthogonal to d
+
+    def at(similarity, direction):
+        return similarity * d + math.sqrt(1 - similarity ** 2) * direction
+
+    cluster = basis[:, 1] + 0.05 * basis[:, 2:5].T                        # three almost equal directions
+    cluster /= np.linalg.norm(cluster, axis=1, keepdims=True)
+    rows = [at(0.80, basis[:, 0])] + [at(0.78, c) for c in cluster]
+    rows += [at(0.2, basis[:, 5 + i % 7] * (-1) ** i) for i in range(8)]  # unrelated images
+    rows = np.array(rows, np.float32)
+    rows /= np.linalg.norm(rows, axis=1, keepdims=True)
+    n = len(rows)
+    easting = 386000.0 + np.r_[900.0, 0.0, 4.0, 8.0, 300 + 20 * np.arange(8)]
+    table = MapTable(keys=[f"img{i}" for i in range(n)], easting=easting, northing=np.full(n, 6174000.0),
+                     heading=np.full(n, 90.0), zone=UtmZone(33))
+    bundle = MapBundle.build(tmp_path_factory.mktemp("decoy") / "map", table, rows,
+                             {"kind": "netvlad", "name": model.config.name, "identity": model.identity})
+    return Localizer(bundle, model, "none", LocalizerSettings(top_k=n, pose_matches=1, device="cpu")), image
+
+
+def test_a_reranker_swap_changes_the_order(decoy_map):
+    localizer, image = decoy_map
+    plain = [m.key for m in localizer.localize(image).matches]
+    assert plain[0] == "img0" and set(plain[1:4]) == {"img1", "img2", "img3"}
+    localizer.set_reranker("superglobal", P=1, beta=0.6)
+    swapped = localizer.localize(image)
+    assert swapped.matches[0].key in ("img1", "img2", "img3") and swapped.matches[3].key == "img0"
+    assert swapped.easting < 386000.0 + 10                                  # the pose follows the true place
+    localizer.use_reranker(localizer.prepare_reranker("none"))
+    assert localizer.localize(image).matches[0].key == "img0"
+
+
+class HeadingProbe(Reranker):
+    """Records the query heading it is given (a geometry-using re-ranker that keeps the retrieval order)."""
+
+    name = "heading_probe"
+    uses_geometry = True
+
+    def score(self, inputs):
+        self.seen = inputs.query_heading
+        return -torch.arange(inputs.k, dtype=torch.float32).expand(inputs.batch, -1)
+
+
+def test_the_heading_hint_reaches_the_reranker_as_a_grid_heading(decoy_map):
+    localizer, image = decoy_map
+    probe = HeadingProbe()
+    localizer.set_reranker(probe)
+    localizer.localize(image, heading_hint=45.0)
+    table = localizer.bundle.table
+    expected = compass_to_grid(45.0, float(np.mean(table.lat)), float(np.mean(table.lon)), table.zone)
+    assert probe.seen.shape == (1,) and probe.seen.item() == pytest.approx(float(expected))
+    localizer.localize(image)
+    assert math.isnan(probe.seen.item())                                   # no hint: unknown, not 0 or 0.5
+    localizer.set_reranker("none")
 
 
 def test_hint_from_fix():

@@ -91,7 +91,7 @@ def test_csv_sources(tmp_path):
 def test_offline_default_retrieves_the_synthetic_town(synthetic_map):
     root, report = synthetic_map
     bundle = MapBundle.load(report.bundle.root)
-    assert bundle.attachment("model.safetensors") is not None and bundle.meta["descriptor"]["stored_model"]
+    assert bundle.attachment("model.safetensors") is not None and bundle.meta.descriptor.stored_model
     query, database = load_city(root / "msls", "synth0")
     assert len(bundle) == len(database)
     run = evaluate_queries(bundle, map_model(bundle), query, k=10)
@@ -167,8 +167,8 @@ def test_build_with_external_weights_records_identity_only(synthetic_map, tmp_pa
     assert map_main(["build", "--out", str(out), "--msls", str(root / "msls"), "--cities", "synth0",
                      "--model", str(weights), "--dtype", "float16"]) == 0
     bundle = MapBundle.load(out)
-    assert bundle.attachment("model.safetensors") is None and not bundle.meta["descriptor"]["stored_model"]
-    assert bundle.meta["descriptor"]["identity"] == small_model().identity and bundle.descriptors.dtype == np.float16
+    assert bundle.attachment("model.safetensors") is None and not bundle.meta.descriptor.stored_model
+    assert bundle.meta.descriptor.identity == small_model().identity and bundle.descriptors.dtype == np.float16
     queries = tmp_path / "q"
     queries.mkdir()
     query, _ = load_city(root / "msls", "synth0")

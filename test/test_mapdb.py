@@ -10,10 +10,10 @@ import pytest
 from vpr_rerank_ros import mapdb
 from vpr_rerank_ros.cli import map_main
 from vpr_rerank_ros.geo import UtmZone
-from vpr_rerank_ros.mapdb import IndexConfig, MapBundle, MapError, MapTable
+from vpr_rerank_ros.mapdb import DescriptorInfo, IndexConfig, MapBundle, MapError, MapMeta, MapTable
 
 ZONE = UtmZone(33)
-DESCRIPTOR = {"kind": "test-random", "model_sha256": "0" * 64}
+DESCRIPTOR = {"kind": "test-random", "identity": "0" * 64}
 
 
 def unit_rows(n, dim, seed):
@@ -46,8 +46,9 @@ def test_build_and_load_round_trip(small_map):
     assert np.allclose(loaded.table.lat, 55.7, atol=0.1) and np.allclose(loaded.table.lon, 13.2, atol=0.1)
     assert list(loaded.table.path) == list(table.path)
     assert isinstance(loaded.descriptors, np.memmap) and np.array_equal(loaded.descriptors, desc)
-    assert loaded.meta["descriptor"] == {**DESCRIPTOR, "dim": 64, "dtype": "float32"}
-    assert loaded.overlap.size == 300 and loaded.meta["overlap_pairs"] > 0
+    assert loaded.meta.descriptor == DescriptorInfo(**DESCRIPTOR, dim=64, dtype="float32")
+    assert MapMeta.from_json(json.loads((loaded.root / "map.json").read_text()), "x") == loaded.meta
+    assert loaded.overlap.size == 300 and loaded.meta.overlap_pairs > 0
     assert not any(p.name.startswith(".map") for p in bundle.root.parent.iterdir())  # no temporary left
 
 
@@ -100,7 +101,7 @@ def test_ivfpq_index(tmp_path):
     desc = unit_rows(n, dim, seed=5)
     config = IndexConfig(kind="ivfpq", nlist=16, pq_m=8, nprobe=16)
     bundle = MapBundle.build(tmp_path / "big", make_table(n, spread=3000.0), desc, DESCRIPTOR, index=config)
-    assert MapBundle.load(bundle.root).meta["index"]["kind"] == "ivfpq"
+    assert MapBundle.load(bundle.root).meta.index == config
     queries = desc[:50] + 0.05 * unit_rows(50, dim, seed=6)
     queries /= np.linalg.norm(queries, axis=1, keepdims=True)
     result = bundle.search(queries, k=10)
@@ -192,6 +193,11 @@ META_EDITS = {
     "count": lambda meta: meta.update(count=299),
     "empty": lambda meta: meta.update(count=0),
     "index_kind": lambda meta: meta["index"].update(kind="hnsw"),
+    "zone": lambda meta: meta.update(utm_zone="99X"),
+    "no_fov": lambda meta: meta.pop("fov"),
+    "descriptor_key": lambda meta: meta["descriptor"].update(colour="red"),
+    "fov_mismatch": lambda meta: meta["fov"].update(radius_m=80.0),
+    "nprobe": lambda meta: meta["index"].update(nprobe=0),
 }
 
 
@@ -205,7 +211,12 @@ META_EDITS = {
     ("wrong_dim", r"descriptors\.npy: float32\[300, 64\], map\.json says float32\[300, 128\]"),
     ("count", r"images\.csv: 300 rows, map\.json says 299"),
     ("empty", "at least one image"),
-    ("index_kind", "index kind"),
+    ("index_kind", r"'index': kind must be one of"),
+    ("zone", r"map\.json: 'utm_zone': not a UTM zone"),
+    ("no_fov", r"map\.json: missing field 'fov'"),
+    ("descriptor_key", r"map\.json: 'descriptor' needs kind, dim and dtype"),
+    ("fov_mismatch", r"overlap\.npz: FoV 50\.0 m / 90\.0°, map\.json says 80\.0 m"),
+    ("nprobe", r"map\.json: index nprobe must be positive"),
 ])
 def test_load_names_the_broken_file(small_map, problem, match):
     bundle, _, _ = small_map

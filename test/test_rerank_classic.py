@@ -1,11 +1,15 @@
 """Training-free re-rankers: hand-checkable cases and slow, obviously-correct references written from the
 equations (loops are fine here), batching, dtypes and devices."""
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from vpr_rerank_ros.rerank.base import build_reranker, rerank_order
+from vpr_rerank_ros.rerank import (RerankInputs, Reranker, build_reranker, register, rerank_order, reranker_class,
+                                   reranker_defaults, save_reranker)
 
 
 def unit(*shape, seed=0):
@@ -23,30 +27,67 @@ def retrieval_batch(b=3, k=30, d=16, seed=0):
 def test_registry_and_errors():
     with pytest.raises(ValueError, match="unknown re-ranker 'fancy'"):
         build_reranker("fancy")
-    with pytest.raises(ValueError, match="unexpected keyword"):
+    with pytest.raises(ValueError, match="has no parameter 'kk'; it takes: k"):
         build_reranker("aqe", kk=3)
     with pytest.raises(ValueError, match="k must be >= 1"):
         build_reranker("aqe", k=0)
     r = build_reranker("none")
     with pytest.raises(ValueError, match=r"query \(B, D\)"):
-        r(torch.zeros(2, 4), torch.zeros(3, 5, 4))
+        r(RerankInputs(torch.zeros(2, 4), torch.zeros(3, 5, 4)))
     with pytest.raises(ValueError, match="poses"):
-        r(torch.zeros(2, 4), torch.zeros(2, 5, 4), poses=torch.zeros(2, 5, 2))
+        r(RerankInputs(torch.zeros(2, 4), torch.zeros(2, 5, 4), poses=torch.zeros(2, 5, 2)))
+    with pytest.raises(TypeError, match="takes RerankInputs"):
+        r(torch.zeros(2, 4))
+
+
+def test_the_registry_is_complete_whatever_was_imported_first():
+    """A fresh interpreter that imports only the package's public entry point sees every re-ranker."""
+    code = ("from vpr_rerank_ros.rerank import available_rerankers as a; "
+            "print(','.join(a()), ','.join(a(learned=False)), ','.join(a(learned=True)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["none,aqe,alpha_qe,superglobal,k_reciprocal,gnn_knn,gnn,fc,csa",
+                   "none,aqe,alpha_qe,superglobal,k_reciprocal,gnn_knn", "gnn,fc,csa"]
+    for module in ("base", "learned", "classic"):     # importing a submodule first changes nothing
+        code = f"import vpr_rerank_ros.rerank.{module}; " + code
+        assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              check=True).stdout.split() == out
+
+
+def test_a_duplicate_name_is_refused_and_defaults_are_listed():
+    class Other(Reranker):
+        name = "aqe"
+
+    with pytest.raises(ValueError, match="'aqe' is already registered"):
+        register(Other)
+    with pytest.raises(ValueError, match="own `name`"):
+        register(type("Nameless", (Reranker,), {}))
+    assert reranker_defaults("superglobal") == {"P": 1, "beta": 0.15}
+    assert reranker_defaults("none") == {}
+    assert set(reranker_defaults("gnn")) >= {"weights", "L", "positional", "heading"}
+    assert reranker_class("gnn_knn").name == "gnn_knn"
+
+
+def test_learned_models_name_an_unknown_parameter_even_with_weights(tmp_path):
+    path = save_reranker(build_reranker("fc", dim=8, hidden=4), tmp_path / "fc.safetensors")
+    with pytest.raises(ValueError, match="has no parameter 'colour'"):
+        build_reranker("fc", weights=str(path), colour=1)
+    with pytest.raises(ValueError, match="has no parameter 'colour'"):
+        build_reranker("gnn", colour=1)
 
 
 def test_none_keeps_the_order_and_sort_is_stable():
     q, c = retrieval_batch()
-    assert torch.equal(rerank_order(build_reranker("none")(q, c)), torch.arange(30).expand(3, -1))
+    assert torch.equal(rerank_order(build_reranker("none")(RerankInputs(q, c))), torch.arange(30).expand(3, -1))
     assert rerank_order(torch.tensor([[1.0, 2.0, 2.0, 0.5]])).tolist() == [[1, 2, 0, 3]]
 
 
 def test_aqe_and_alpha_qe_by_hand():
     q = torch.tensor([[1.0, 0.0]])
     c = F.normalize(torch.tensor([[[0.8, 0.6], [0.0, 1.0], [0.6, -0.8]]]), dim=-1)
-    aqe = build_reranker("aqe", k=1)(q, c)
+    aqe = build_reranker("aqe", k=1)(RerankInputs(q, c))
     expected = F.normalize(torch.tensor([1.8, 0.6]), dim=0)          # mean of q and c1, normalised
     assert torch.allclose(aqe[0], c[0] @ expected)
-    alpha = build_reranker("alpha_qe", k=2, alpha=2.0)(q, c)
+    alpha = build_reranker("alpha_qe", k=2, alpha=2.0)(RerankInputs(q, c))
     w = torch.tensor([0.8, 0.0]) ** 2                                 # s(q, c1)^2, s(q, c2)^2
     new = q[0] + w[0] * c[0, 0] + w[1] * c[0, 1]
     assert torch.allclose(alpha[0], c[0] @ F.normalize(new, dim=0))
@@ -71,7 +112,7 @@ def superglobal_reference(q, c, P, beta):
 @pytest.mark.parametrize("P, beta", [(1, 0.6), (2, 0.15), (4, 0.3)])
 def test_superglobal_matches_the_official_procedure(P, beta):
     q, c = retrieval_batch(b=4, k=25, d=12, seed=P)
-    order = rerank_order(build_reranker("superglobal", P=P, beta=beta)(q, c))
+    order = rerank_order(build_reranker("superglobal", P=P, beta=beta)(RerankInputs(q, c)))
     for b in range(4):
         assert order[b].tolist() == superglobal_reference(q[b], c[b], P, beta)
 
@@ -114,7 +155,7 @@ def test_k_reciprocal_matches_the_reference_for_a_whole_gallery(k1, k2, lam):
     centres = torch.randn(6, 10, generator=g, dtype=torch.float64)
     points = F.normalize(centres[torch.arange(60) % 6] + 0.35 * torch.randn(60, 10, generator=g, dtype=torch.float64), dim=1)
     probe, gallery = points[0], points[1:]
-    scores = build_reranker("k_reciprocal", k1=k1, k2=k2, lambda_value=lam)(probe[None], gallery[None])
+    scores = build_reranker("k_reciprocal", k1=k1, k2=k2, lambda_value=lam)(RerankInputs(probe[None], gallery[None]))
     reference = k_reciprocal_reference(probe.numpy(), gallery.numpy(), k1, k2, lam)
     assert rerank_order(scores)[0].tolist() == reference.tolist()
 
@@ -141,7 +182,7 @@ def gnn_knn_reference(q, c, k1, k2, alpha, layers):
 @pytest.mark.parametrize("k1, k2, alpha, layers", [(20, 6, 2.0, 2), (5, 3, 1.0, 1), (10, 2, 2.0, 3)])
 def test_gnn_knn_matches_the_equations(k1, k2, alpha, layers):
     q, c = retrieval_batch(b=2, k=24, d=8, seed=k1)
-    scores = build_reranker("gnn_knn", k1=k1, k2=k2, alpha=alpha, layers=layers)(q, c)
+    scores = build_reranker("gnn_knn", k1=k1, k2=k2, alpha=alpha, layers=layers)(RerankInputs(q, c))
     for b in range(2):
         assert torch.allclose(scores[b], gnn_knn_reference(q[b], c[b], k1, k2, alpha, layers), atol=1e-6)
 
@@ -154,11 +195,11 @@ TRAINING_FREE = [("none", {}), ("aqe", {"k": 3}), ("alpha_qe", {"k": 3, "alpha":
 def test_batched_equals_one_by_one_and_float16_agrees(name, params):
     q, c = retrieval_batch(b=5, k=40, d=32, seed=9)
     r = build_reranker(name, **params)
-    batched = r(q.float(), c.float())
+    batched = r(RerankInputs(q.float(), c.float()))
     assert batched.shape == (5, 40) and batched.dtype == torch.float32
     for b in range(5):
-        assert torch.allclose(batched[b], r(q[b:b + 1].float(), c[b:b + 1].float())[0], atol=1e-5)
-    half = r(q.half(), c.half())
+        assert torch.allclose(batched[b], r(RerankInputs(q[b:b + 1].float(), c[b:b + 1].float()))[0], atol=1e-5)
+    half = r(RerankInputs(q.half(), c.half()))
     assert half.dtype == torch.float16
     assert torch.allclose(half.float(), batched, atol=2e-2)
 
@@ -168,4 +209,4 @@ def test_batched_equals_one_by_one_and_float16_agrees(name, params):
 def test_cuda_equals_cpu(name, params):
     q, c = retrieval_batch(b=4, k=40, d=32, seed=3)
     r = build_reranker(name, **params)
-    assert torch.allclose(r(q.float(), c.float()), r(q.float().cuda(), c.float().cuda()).cpu(), atol=1e-4)
+    assert torch.allclose(r(RerankInputs(q.float(), c.float())), r(RerankInputs(q.float().cuda(), c.float().cuda())).cpu(), atol=1e-4)

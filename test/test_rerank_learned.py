@@ -5,8 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from vpr_rerank_ros.geo import fov_overlap
-from vpr_rerank_ros.rerank.base import build_reranker
-from vpr_rerank_ros.rerank.learned import count_summary, load_reranker, parameter_count, save_reranker
+from vpr_rerank_ros.rerank import RerankInputs, build_reranker, load_reranker, save_reranker
+from vpr_rerank_ros.rerank.learned import count_summary, parameter_count
 
 
 @pytest.mark.parametrize("layers, millions", [(1, 9.38), (2, 16.46), (3, 23.55)])
@@ -39,7 +39,7 @@ def inputs(b=3, k=12, d=32, seed=0):
 def test_node_features_are_visual_then_positional_affinities():
     model = small()
     q, c, poses = inputs()
-    feats = model.node_features(q, c, poses, None, None)
+    feats = model.node_features(RerankInputs(q, c, poses))
     assert feats.shape == (3, 13, 6 + 5)
     nodes = model.embed(torch.cat([q[:, None], c], 1))
     assert torch.allclose(feats[..., :6], nodes @ nodes[:, :6].transpose(1, 2), atol=1e-6)
@@ -49,47 +49,52 @@ def test_node_features_are_visual_then_positional_affinities():
     assert torch.allclose(torch.diagonal(feats[:, 1:6, 6:], dim1=1, dim2=2), torch.ones(3, 5), atol=1e-6)
     # The map's precomputed overlaps give the same features.
     overlaps = fov_overlap(poses[:, :, None], poses[:, None, :]).float()
-    assert torch.allclose(model.node_features(q, c, None, overlaps, None), feats, atol=1e-6)
+    assert torch.allclose(model.node_features(RerankInputs(q, c, None, overlaps)), feats, atol=1e-6)
     with pytest.raises(ValueError, match="poses or their overlaps"):
-        model(q, c)
+        model(RerankInputs(q, c))
     with pytest.raises(ValueError, match="at least L = 5"):
-        model(q, c[:, :4], poses[:, :4])
+        model(RerankInputs(q, c[:, :4], poses[:, :4]))
 
 
 def test_scores_are_cosines_of_refined_nodes_and_batching_is_exact():
     model = small()
     q, c, poses = inputs()
-    scores = model(q, c, poses)
-    refined = model.refine(q, c, poses)
+    scores = model(RerankInputs(q, c, poses))
+    refined = model.refine(RerankInputs(q, c, poses))
     assert torch.allclose(scores, torch.einsum("bd,bkd->bk", refined[:, 0], refined[:, 1:]), atol=1e-6)
     assert torch.allclose(refined.norm(dim=-1), torch.ones(3, 13), atol=1e-5)
     for b in range(3):
-        assert torch.allclose(model(q[b:b + 1], c[b:b + 1], poses[b:b + 1])[0], scores[b], atol=1e-5)
+        assert torch.allclose(model(RerankInputs(q[b:b + 1], c[b:b + 1], poses[b:b + 1]))[0], scores[b], atol=1e-5)
     # The positional affinity matters: moving the candidates changes the scores.
     moved = poses.clone()
     moved[..., 2] = (moved[..., 2] + 90) % 360
-    assert not torch.allclose(model(q, c, moved), scores, atol=1e-4)
+    assert not torch.allclose(model(RerankInputs(q, c, moved)), scores, atol=1e-4)
 
 
 def test_heading_affinity():
     model = small(heading=True)
     q, c, poses = inputs()
     heading = torch.tensor([poses[0, 0, 2].item(), float("nan"), 0.0])
-    feats = model.node_features(q, c, poses, None, heading)
+    feats = model.node_features(RerankInputs(q, c, poses, query_heading=heading))
     assert feats.shape[-1] == 6 + 5 + 1
     assert feats[0, 1, -1].item() == pytest.approx(1.0) and feats[0, 0, -1].item() == pytest.approx(1.0)
     assert torch.allclose(feats[1, :, -1], torch.full((13,), 0.5))                # unknown query heading
     opposite = (1 + torch.cos(torch.deg2rad(0.0 - poses[2, :, 2]))) / 2
     assert torch.allclose(feats[2, 1:, -1], opposite.float(), atol=1e-6)
+    # The model's scores follow the query heading it is given.
+    turned = model(RerankInputs(q, c, poses, query_heading=heading + torch.tensor([90.0, 0.0, 180.0])))
+    scores = model(RerankInputs(q, c, poses, query_heading=heading))
+    assert not torch.allclose(turned[0], scores[0], atol=1e-4) and not torch.allclose(turned[2], scores[2], atol=1e-4)
+    assert torch.equal(turned[1], scores[1])                                      # NaN + 0: still unknown
 
 
 def test_fc_and_csa_variants():
     q, c, _ = inputs()
     fc = small("fc")
-    assert torch.allclose(fc(q, c), torch.einsum("bd,bkd->bk", fc.embed(q), fc.embed(c)), atol=1e-6)
+    assert torch.allclose(fc(RerankInputs(q, c)), torch.einsum("bd,bkd->bk", fc.embed(q), fc.embed(c)), atol=1e-6)
     csa = small("csa", positional=False, dim=32)
     assert csa.fc1 is None and csa.head[-1].out_features == 6
-    assert csa(q, c).shape == (3, 12)
+    assert csa(RerankInputs(q, c)).shape == (3, 12)
 
 
 def test_checkpoints_round_trip_and_refuse_mismatches(tmp_path):
@@ -98,8 +103,8 @@ def test_checkpoints_round_trip_and_refuse_mismatches(tmp_path):
     loaded = load_reranker(path)
     q, c, poses = inputs()
     assert loaded.trained and not model.trained
-    assert torch.equal(loaded(q, c, poses), model(q, c, poses))
-    assert torch.equal(build_reranker("gnn", weights=path, layers=2)(q, c, poses), model(q, c, poses))
+    assert torch.equal(loaded(RerankInputs(q, c, poses)), model(RerankInputs(q, c, poses)))
+    assert torch.equal(build_reranker("gnn", weights=path, layers=2)(RerankInputs(q, c, poses)), model(RerankInputs(q, c, poses)))
     with pytest.raises(ValueError, match="layers requested 3, stored 2"):
         build_reranker("gnn", weights=path, layers=3)
     with pytest.raises(ValueError, match="variant requested 'fc', stored 'gnn'"):
@@ -126,21 +131,21 @@ def test_inference_shortcuts_are_exact_and_follow_weight_changes():
         q, c, poses = inputs()
         map_descriptors = c.reshape(-1, 32)
         ids = torch.arange(36).reshape(3, 12)
-        plain = model(q, c, poses)                                   # autograd on: no shortcut taken
+        plain = model(RerankInputs(q, c, poses))                                   # autograd on: no shortcut taken
         model.attach_map(map_descriptors.numpy())
         with torch.inference_mode():
-            assert torch.allclose(model(q, c, poses, ids=ids), plain, atol=1e-5)
+            assert torch.allclose(model(RerankInputs(q, c, poses, ids=ids)), plain, atol=1e-5)
             for b in range(3):
-                assert torch.allclose(model(q[b:b + 1], c[b:b + 1], poses[b:b + 1], ids=ids[b:b + 1])[0], plain[b],
+                assert torch.allclose(model(RerankInputs(q[b:b + 1], c[b:b + 1], poses[b:b + 1], ids=ids[b:b + 1]))[0], plain[b],
                                       atol=1e-5)
-            wrong_rows = model(q, c, poses, ids=ids.flip(1))          # proves the cache is what gets used
+            wrong_rows = model(RerankInputs(q, c, poses, ids=ids.flip(1)))          # proves the cache is what gets used
         assert not torch.allclose(wrong_rows, plain, atol=1e-3)
         with torch.no_grad():
             for p in model.parameters():
                 p.add_(0.3 * torch.randn_like(p))                    # in place, like an optimiser step
-        changed = model(q, c, poses)
+        changed = model(RerankInputs(q, c, poses))
         with torch.inference_mode():
-            assert torch.allclose(model(q, c, poses, ids=ids), changed, atol=1e-5)
+            assert torch.allclose(model(RerankInputs(q, c, poses, ids=ids)), changed, atol=1e-5)
         assert not torch.allclose(changed, plain, atol=1e-3)
 
 
@@ -148,24 +153,24 @@ def test_inference_shortcuts_are_exact_and_follow_weight_changes():
 def test_float16(name):
     model = small(name, **({} if name == "fc" else {"positional": name == "gnn"}))
     q, c, poses = inputs()
-    full = model(q, c, poses)
-    half = model.half()(q.half(), c.half(), poses)
+    full = model(RerankInputs(q, c, poses))
+    half = model.half()(RerankInputs(q.half(), c.half(), poses))
     assert half.dtype == torch.float16 and torch.allclose(half.float(), full, atol=3e-2)
     with torch.inference_mode():                                     # the inference paths, batched and single
-        assert torch.allclose(model(q.half(), c.half(), poses).float(), full, atol=3e-2)
-        assert torch.allclose(model(q[:1].half(), c[:1].half(), poses[:1])[0].float(), full[0], atol=3e-2)
+        assert torch.allclose(model(RerankInputs(q.half(), c.half(), poses)).float(), full, atol=3e-2)
+        assert torch.allclose(model(RerankInputs(q[:1].half(), c[:1].half(), poses[:1]))[0].float(), full[0], atol=3e-2)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
 def test_cuda_equals_cpu():
     model = small()
     q, c, poses = inputs()
-    cpu = model(q, c, poses)
+    cpu = model(RerankInputs(q, c, poses))
     model = model.cuda()
-    gpu = model(q.cuda(), c.cuda(), poses.cuda())
+    gpu = model(RerankInputs(q.cuda(), c.cuda(), poses.cuda()))
     assert torch.allclose(cpu, gpu.cpu(), atol=1e-4)
     model.attach_map(c.reshape(-1, 32).numpy())                      # the inference shortcuts on CUDA
     with torch.inference_mode():
-        fast = model(q.cuda(), c.cuda(), poses.cuda(), ids=torch.arange(36).reshape(3, 12).cuda())
-        single = model(q[:1].cuda(), c[:1].cuda(), poses[:1].cuda(), ids=torch.arange(12)[None].cuda())
+        fast = model(RerankInputs(q.cuda(), c.cuda(), poses.cuda(), ids=torch.arange(36).reshape(3, 12).cuda()))
+        single = model(RerankInputs(q[:1].cuda(), c[:1].cuda(), poses[:1].cuda(), ids=torch.arange(12)[None].cuda()))
     assert torch.allclose(cpu, fast.cpu(), atol=1e-4) and torch.allclose(cpu[:1], single.cpu(), atol=1e-4)

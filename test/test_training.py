@@ -12,9 +12,9 @@ from vpr_rerank_ros.cli import train_main
 from vpr_rerank_ros.datasets.msls import load_side
 from vpr_rerank_ros.geo import fov_overlap, latlon_to_utm, meridian_convergence_deg
 from vpr_rerank_ros.mapbuild import map_model
-from vpr_rerank_ros.rerank.base import build_reranker
-from vpr_rerank_ros.rerank.learned import load_reranker
-from vpr_rerank_ros.training import TrainSettings, candidate_set, quantized_ap, train, validation_map10
+from vpr_rerank_ros.rerank import build_reranker, load_reranker
+from vpr_rerank_ros.training import (Schedule, TrainSettings, ap_loss, candidate_set, quantized_ap, train,
+                                     validation_map10)
 
 
 def quantized_ap_reference(scores, labels, bins):
@@ -85,7 +85,20 @@ def test_candidates_are_labelled_by_fov_overlap_with_the_query(town_sets):
         overlap = fov_overlap(np.array([east[i], north[i], heading[i]]), bundle.table.poses[data.run.result.ids[i]])
         assert np.array_equal(data.relevant[i], overlap > 1 / 3)
     assert data.relevant.shape == (32, 40) and 0 < data.relevant.mean() < 1
-    assert len(data.trainable) == int(data.relevant.any(1).sum()) > 16
+    assert len(data.trainable(40)) == int(data.relevant.any(1).sum()) > 16
+    assert set(data.trainable(5)) == set(np.flatnonzero(data.relevant[:, :5].any(1)))
+    assert np.array_equal(data.run.query_poses[:, 2] % 360, heading % 360)      # the queries' grid headings
+
+
+def test_rows_without_a_relevant_candidate_are_masked_not_nan():
+    scores = torch.tensor([[0.9, 0.1, -0.2], [0.5, 0.4, 0.3]], requires_grad=True)
+    relevant = torch.tensor([[True, False, False], [False, False, False]])
+    loss = ap_loss(scores, relevant)
+    loss.backward()
+    assert torch.isfinite(loss) and loss.item() == pytest.approx(1 - quantized_ap(scores[:1], relevant[:1]).item())
+    assert torch.isfinite(scores.grad).all() and (scores.grad[1] == 0).all()
+    with pytest.raises(ValueError, match="no row of the batch"):
+        ap_loss(scores, torch.zeros_like(relevant))
 
 
 def test_train_writes_every_epoch_and_keeps_the_best(town_sets, tmp_path):
@@ -97,10 +110,11 @@ def test_train_writes_every_epoch_and_keeps_the_best(town_sets, tmp_path):
     assert sorted(p.name for p in tmp_path.glob("*.safetensors")) == \
         ["best.safetensors", "epoch_01.safetensors", "epoch_02.safetensors", "epoch_03.safetensors"]
     log = list(csv.DictReader(open(tmp_path / "log.csv")))
-    assert [int(r["epoch"]) for r in log] == [1, 2, 3]
-    assert [float(r["lr"]) for r in log] == pytest.approx([1e-3, 9e-4, 8.1e-4])
-    assert float(log[-1]["loss"]) < float(log[0]["loss"])              # it learns (on its own queries)
-    chosen = max(log, key=lambda r: float(r["val_map@10"]))
+    assert [int(r["epoch"]) for r in log] == [0, 1, 2, 3]                 # epoch 0: the initial model
+    assert lines[0].startswith("epoch 0/3 (initial model): val mAP@10")
+    assert [float(r["lr"]) for r in log[1:]] == pytest.approx([1e-3, 9e-4, 8.1e-4])
+    assert float(log[-1]["loss"]) < float(log[1]["loss"])              # it learns (on its own queries)
+    chosen = max(log[1:], key=lambda r: float(r["val_map@10"]))
     kept = load_file(str(tmp_path / f"epoch_{int(chosen['epoch']):02d}.safetensors"))
     assert all(torch.equal(tensor, kept[name]) for name, tensor in load_file(str(best)).items())
     loaded = load_reranker(best)
@@ -108,6 +122,50 @@ def test_train_writes_every_epoch_and_keeps_the_best(town_sets, tmp_path):
     assert lines[-1].startswith(f"best: epoch_{int(chosen['epoch']):02d}")
     with pytest.raises(ValueError, match="needs K = 80"):
         train(model, [data], [data], TrainSettings(epochs=1, K=80), tmp_path / "x")
+
+
+def test_a_step_trains_only_queries_with_a_relevant_candidate_within_its_k(town_sets, tmp_path):
+    """vpr-train retrieves max(K) candidates; a step with a smaller K must not see a query whose relevant
+    candidates all lie beyond its K (AP = 0/0 would poison the loss and every weight)."""
+    data, _, bundle = town_sets
+    beyond = data.relevant.copy()
+    beyond[:, :20] = False                            # the relevant ones of every query now lie at ranks 21-40
+    beyond[:4, 5] = True                              # except four queries with one relevant among the first 20
+    shifted = type(data)(data.bundle, data.run, beyond)
+    model = build_reranker("fc", dim=bundle.dim, hidden=16)
+    train(model, [shifted], [data], TrainSettings(epochs=1, K=20, batch_size=32), tmp_path, log=lambda _: None)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    nothing = type(data)(data.bundle, data.run, np.zeros_like(beyond))
+    with pytest.raises(ValueError, match="no training query has a relevant candidate among its top K = 20"):
+        train(model, [nothing], [data], TrainSettings(epochs=1, K=20), tmp_path / "n", log=lambda _: None)
+
+
+def test_a_non_finite_loss_stops_training_naming_epoch_and_batch(town_sets, tmp_path):
+    data, _, bundle = town_sets
+    model = build_reranker("fc", dim=bundle.dim, hidden=16)
+    with torch.no_grad():
+        model.fc1.weight[0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="epoch 1, batch 1: the loss is nan"):
+        train(model, [data], [data], TrainSettings(epochs=1, K=40), tmp_path, log=lambda _: None)
+
+
+def test_validation_that_scores_no_query_is_an_error(town_sets):
+    data, _, bundle = town_sets
+    unscored = type(data)(data.bundle, type(data.run)(**{**vars(data.run), "positives": [[]] * len(data.run.query)}),
+                          data.relevant)
+    with pytest.raises(ValueError, match="no validation query has a positive"):
+        validation_map10(build_reranker("fc", dim=bundle.dim, hidden=16), [unscored], 40, "cpu")
+
+
+def test_schedule_overrides_apply_to_both_steps_and_unknown_keys_are_named():
+    schedule = Schedule.from_overrides({"lr": 1e-3, "fc": {"epochs": 2}, "gnn": {"K": 100, "model": {"L": 50}}})
+    assert (schedule.fc.lr, schedule.gnn.lr, schedule.fc.epochs, schedule.fc.K) == (1e-3, 1e-3, 2, 255)
+    assert (schedule.gnn.K, schedule.gnn.epochs, schedule.gnn_model["L"], schedule.gnn_model["layers"]) == (100, 5, 50, 1)
+    assert Schedule.from_overrides(None) == Schedule()
+    with pytest.raises(ValueError, match=r"unknown schedule keys \['epochs'\]"):
+        Schedule.from_overrides({"epochs": 3})
+    with pytest.raises(ValueError, match=r"unknown schedule keys \['model'\] in fc"):
+        Schedule.from_overrides({"fc": {"model": {}}})
 
 
 def test_vpr_train_runs_both_steps_with_fc1_frozen(synthetic_map, tmp_path, capsys):
@@ -140,8 +198,9 @@ def test_vpr_train_errors(synthetic_map, tmp_path, capsys):
         train_main([*base, "--train", "synth0"])
     assert "expected CITY=MAP_DIR" in capsys.readouterr().err
     train = ["--train", f"synth0={report.bundle.root}"]
-    assert train_main([*base, *train, "--steps", "gnn"]) == 2
-    assert "needs --fc-weights" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as usage:
+        train_main([*base, *train, "--steps", "gnn"])
+    assert usage.value.code == 2 and "needs --fc-weights" in capsys.readouterr().err
     bad = tmp_path / "bad.yaml"
     bad.write_text("learning_rate: 0.1\n")
     assert train_main([*base, *train, "--config", str(bad)]) == 1

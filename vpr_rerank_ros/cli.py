@@ -1,11 +1,32 @@
-"""Console scripts. Each is a thin argparse front over the core; `main(argv)` functions are importable."""
+"""Console scripts: each parses its arguments, calls the core and returns an exit code: 0 success, 1 a user
+error reported in one line that names the problem, 2 bad usage (argparse's own). `*_main(argv)` functions
+are importable."""
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from typing import Callable
 
-from .mapdb import FILES, MapBundle, MapError
+from .mapdb import FILES, MapBundle
+from .rerank import COMPARED, reranker_label
+
+# What a user's input can cause (a missing file, a bad value, a map that does not fit, a failed node or a
+# training that diverged): one line on stderr and exit code 1, never a traceback.
+USER_ERRORS = (OSError, ValueError, RuntimeError, ArithmeticError)
+
+
+def _reported(prog: str, action: Callable[[], int]) -> int:
+    """`action()`'s exit code, or 1 after printing a user error as `prog: message`."""
+    try:
+        return action()
+    except USER_ERRORS as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return 1
+
+
+def _warn(prog: str) -> Callable[[str], None]:
+    return lambda text: print(f"{prog}: {text}", file=sys.stderr)
 
 
 def map_main(argv: list[str] | None = None) -> int:
@@ -37,29 +58,23 @@ def map_main(argv: list[str] | None = None) -> int:
     query.add_argument("--out", required=True, help="CSV to write")
     _model_options(query, "descriptor weights; default: the model stored in the map")
     args = parser.parse_args(argv)
-    try:
-        if args.command == "build":
-            return _map_build(args)
-        if args.command == "query":
-            return _map_query(args)
-        bundle = MapBundle.load(args.map, verify=args.command == "verify", use_gpu=False)
-    except (MapError, OSError, ValueError) as exc:
-        print(f"vpr-map: {exc}", file=sys.stderr)
-        return 1
+    commands = {"build": _map_build, "query": _map_query, "info": _map_info, "verify": _map_info}
+    return _reported("vpr-map", lambda: commands[args.command](args))
+
+
+def _map_info(args) -> int:
+    bundle = MapBundle.load(args.map, verify=args.command == "verify", use_gpu=False)
     if args.command == "verify":
         print(f"{args.map}: OK ({len(bundle)} images, all checksums match)")
         return 0
-    meta, table = bundle.meta, bundle.table
+    meta, table = bundle.meta.to_json(), bundle.table
     summary = {
         "path": str(bundle.root),
         "images": len(bundle),
         "utm_zone": meta["utm_zone"],
         "extent_m": {"easting": [float(table.easting.min()), float(table.easting.max())],
                      "northing": [float(table.northing.min()), float(table.northing.max())]},
-        "descriptor": meta["descriptor"],
-        "index": meta["index"],
-        "fov": meta["fov"],
-        "overlap_pairs": meta["overlap_pairs"],
+        **{key: meta[key] for key in ("descriptor", "index", "fov", "overlap_pairs")},
         "attachments": sorted(set(meta["files"]) - set(FILES)),
         "bytes": sum(f["bytes"] for f in meta["files"].values()),
     }
@@ -96,9 +111,9 @@ def _map_build(args) -> int:
                        overwrite=args.overwrite, progress=True, descriptor_file=args.descriptors)
     for key, reason in report.skipped.items():
         print(f"skipped {key}: {reason}", file=sys.stderr)
-    print(f"{args.out}: {len(report.bundle)} images, {report.bundle.dim}-D {report.bundle.meta['descriptor']['name']} "
-          "descriptors, "
-          f"UTM {report.bundle.table.zone}, {report.bundle.meta['overlap_pairs']} overlapping pairs")
+    meta = report.bundle.meta
+    print(f"{args.out}: {len(report.bundle)} images, {meta.descriptor.dim}-D {meta.descriptor.name} descriptors, "
+          f"UTM {meta.zone}, {meta.overlap_pairs} overlapping pairs")
     return 0
 
 
@@ -134,14 +149,14 @@ def weights_main(argv: list[str] | None = None) -> int:
     info = sub.add_parser("info", help="print a model's configuration and identity")
     info.add_argument("weights")
     args = parser.parse_args(argv)
-    try:
+
+    def run() -> int:
         model = convert(args.source, args.target) if args.command == "convert" else load_model(args.weights)
-    except (OSError, ValueError) as exc:
-        print(f"vpr-weights: {exc}", file=sys.stderr)
-        return 1
-    print(json.dumps({**json.loads(model.config.to_json()), "output_dim": model.output_dim,
-                      "identity": model.identity}, indent=2, sort_keys=True))
-    return 0
+        print(json.dumps({**json.loads(model.config.to_json()), "output_dim": model.output_dim,
+                          "identity": model.identity}, indent=2, sort_keys=True))
+        return 0
+
+    return _reported("vpr-weights", run)
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -154,9 +169,6 @@ def _size(text: str) -> tuple[int, int]:
 
 def synth_main(argv: list[str] | None = None) -> int:
     """`vpr-synth`: generate synthetic towns in the MSLS layout, and optionally a query-drive bag."""
-    from .datasets.synth_town import BagConfig, SynthConfig, contact_sheet, generate, plan_city, write_bag
-    from .datasets.town import TownConfig
-
     parser = argparse.ArgumentParser(prog="vpr-synth", description=synth_main.__doc__.split(":", 1)[1].strip())
     parser.add_argument("--out", help="MSLS root directory to write (train_val/<city>/...)")
     parser.add_argument("--cities", type=int, default=3, help="number of towns (default 3)")
@@ -180,29 +192,32 @@ def synth_main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not (args.out or args.bag or args.contact_sheet):
         parser.error("give at least one of --out, --bag and --contact-sheet")
-    try:
-        config = SynthConfig(town=TownConfig(blocks_x=args.blocks[0], blocks_y=args.blocks[1]),
-                             width=args.size[0], height=args.size[1], frame_spacing_m=args.spacing,
-                             query_sequences=args.query_sequences, query_frames=args.query_frames)
-        bag_config = BagConfig(length_m=args.bag_length, fps=args.bag_fps, gps_noise_m=args.gps_noise,
-                               gps_rate_hz=args.gps_rate, compressed=not args.bag_raw, storage=args.bag_storage)
-        if args.out:
-            plans = generate(args.out, args.cities, args.seed, config, workers=args.workers, progress=True)
-            for plan in plans:
-                print(f"{plan.name}: UTM {plan.zone}, {len(plan.database)} database and {len(plan.query)} query images")
-        if args.bag:
-            plan = plan_city(config, args.seed, args.bag_city)
-            path = write_bag(args.bag, plan, config, bag_config, args.seed)
-            print(f"bag: {path} ({plan.name}, {bag_config.storage})")
-        if args.contact_sheet:
-            import cv2
+    return _reported("vpr-synth", lambda: _synth(args))
 
-            sheet = contact_sheet(plan_city(config, args.seed, 0), config)
-            cv2.imwrite(args.contact_sheet, cv2.cvtColor(sheet, cv2.COLOR_RGB2BGR))
-            print(f"contact sheet: {args.contact_sheet}")
-    except (ValueError, FileExistsError) as exc:
-        print(f"vpr-synth: {exc}", file=sys.stderr)
-        return 2
+
+def _synth(args) -> int:
+    from .datasets.synth_town import BagConfig, SynthConfig, contact_sheet, generate, plan_city, write_bag
+    from .datasets.town import TownConfig
+
+    config = SynthConfig(town=TownConfig(blocks_x=args.blocks[0], blocks_y=args.blocks[1]),
+                         width=args.size[0], height=args.size[1], frame_spacing_m=args.spacing,
+                         query_sequences=args.query_sequences, query_frames=args.query_frames)
+    bag_config = BagConfig(length_m=args.bag_length, fps=args.bag_fps, gps_noise_m=args.gps_noise,
+                           gps_rate_hz=args.gps_rate, compressed=not args.bag_raw, storage=args.bag_storage)
+    if args.out:
+        plans = generate(args.out, args.cities, args.seed, config, workers=args.workers, progress=True)
+        for plan in plans:
+            print(f"{plan.name}: UTM {plan.zone}, {len(plan.database)} database and {len(plan.query)} query images")
+    if args.bag:
+        plan = plan_city(config, args.seed, args.bag_city)
+        path = write_bag(args.bag, plan, config, bag_config, args.seed)
+        print(f"bag: {path} ({plan.name}, {bag_config.storage})")
+    if args.contact_sheet:
+        import cv2
+
+        sheet = contact_sheet(plan_city(config, args.seed, 0), config)
+        cv2.imwrite(args.contact_sheet, cv2.cvtColor(sheet, cv2.COLOR_RGB2BGR))
+        print(f"contact sheet: {args.contact_sheet}")
     return 0
 
 
@@ -220,38 +235,8 @@ def _reranker_spec(text: str) -> tuple[str, dict]:
     return name.strip(), params
 
 
-THESIS_GRID = {  # method.md §6: the thesis's parameter searches
-    "aqe": [{"k": k} for k in range(1, 6)],
-    "alpha_qe": [{"k": k, "alpha": a} for k in range(1, 6) for a in (1.0, 1.5, 2.0, 2.5, 3.0)],
-    "superglobal": [{"P": p, "beta": b} for p in (1, 2, 3, 4) for b in (0.15, 0.3, 0.6)],
-}
-
-
-def _query_descriptors(path: str, bundle: MapBundle, keys: list[str]):
-    """Precomputed query descriptors for `keys`, refused when they cannot be compared with the map's."""
-    from .descriptors.extract import read_descriptors
-
-    rows, identity = read_descriptors(path, keys)
-    expected = bundle.meta["descriptor"].get("identity")
-    if rows.shape[1] != bundle.dim:
-        raise ValueError(f"{path}: {rows.shape[1]}-D descriptors, the map holds {bundle.dim}-D")
-    if identity and expected and identity != expected:
-        raise ValueError(f"{path}: descriptors of model {identity[:12]}, the map was built with {expected[:12]}")
-    return rows
-
-
 def eval_main(argv: list[str] | None = None) -> int:
     """`vpr-eval`: re-rankers compared on an MSLS-layout dataset (thesis Table 4.1 layout)."""
-    import csv
-    from pathlib import Path
-
-    import yaml
-
-    from .datasets.msls import load_side, write_predictions
-    from .evaluation import evaluate_queries, rerank_run
-    from .mapbuild import map_model
-    from .rerank.base import build_reranker, reranker_label
-
     parser = argparse.ArgumentParser(prog="vpr-eval", description="Compare re-rankers on MSLS-layout queries.")
     parser.add_argument("--msls", required=True, help="MSLS root (real or synthetic)")
     parser.add_argument("--city", required=True, help="city whose query side is evaluated")
@@ -262,71 +247,45 @@ def eval_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--subtask", default="all", help="MSLS subtask of the queries (default all)")
     parser.add_argument("-K", "--top-k", type=int, default=100, help="candidates re-ranked per query (default 100)")
     parser.add_argument("--reranker", action="append", type=_reranker_spec, default=[],
-                        help="NAME or NAME:key=value,... (repeatable), e.g. superglobal:P=1,beta=0.6")
+                        help="NAME or NAME:key=value,... (repeatable), e.g. superglobal:P=1,beta=0.6; default: "
+                             + ", ".join(reranker_label(n, p) for n, p in COMPARED))
     parser.add_argument("--config", help="YAML list of {name: ..., <params>} re-rankers")
     parser.add_argument("--grid", action="store_true", help="also search the thesis grids for AQE, aQE, SuperGlobal")
     parser.add_argument("--out", help="folder for results.csv, results.md and one prediction file per re-ranker")
     parser.add_argument("--device", default="cpu", help="device for re-ranking (default cpu)")
     args = parser.parse_args(argv)
+    return _reported("vpr-eval", lambda: _evaluate(args))
+
+
+def _evaluate(args) -> int:
+    from pathlib import Path
+
+    import yaml
+
+    from .datasets.msls import load_side
+    from .descriptors.extract import read_descriptors
+    from .evaluation import compare_rerankers, evaluate_queries, format_table, write_results
+    from .mapbuild import map_model
+
     specs = list(args.reranker)
     if args.config:
         for entry in yaml.safe_load(Path(args.config).read_text()) or []:
             entry = dict(entry)
             specs.append((entry.pop("name"), entry))
-    if not specs:
-        specs = [("none", {}), ("aqe", {"k": 1}), ("alpha_qe", {"k": 1, "alpha": 1.0}),
-                 ("superglobal", {"P": 1, "beta": 0.6}), ("k_reciprocal", {}), ("gnn_knn", {})]
-    try:
-        bundle = MapBundle.load(args.map)
-        query = load_side(args.msls, args.city, "query", args.subtask)
-        if args.descriptors:
-            run = evaluate_queries(bundle, None, query, k=args.top_k,
-                                   descriptors=_query_descriptors(args.descriptors, bundle, list(query.keys)))
-        else:
-            run = evaluate_queries(bundle, map_model(bundle, args.model), query, k=args.top_k)
-        rows = []
-        for name, params in specs:
-            reranker = build_reranker(name, **params)
-            if reranker.learned and not reranker.trained:
-                print(f"vpr-eval: WARNING: {name} has no trained weights (pass weights=PATH); its scores are "
-                      "those of a randomly initialised network", file=sys.stderr)
-            ranked, metrics = rerank_run(bundle, run, reranker.to(args.device).eval(), device=args.device)
-            rows.append((name, params, ranked, metrics))
-        if args.grid:
-            for name, grid in THESIS_GRID.items():
-                scored = [(params, rerank_run(bundle, run, build_reranker(name, **params))) for params in grid]
-                params, (ranked, metrics) = max(scored, key=lambda item: item[1][1]["map@10"])
-                print(f"grid {name}: best by mAP@10 {params} ({metrics['map@10']:.4f} of {len(grid)} settings)")
-                rows.append((f"{name} (grid best)", params, ranked, metrics))
-    except (MapError, OSError, ValueError) as exc:
-        print(f"vpr-eval: {exc}", file=sys.stderr)
-        return 1
-    columns = ("map@1", "map@5", "map@10", "map@20", "recall@5", "recall@10", "recall@20")
+    bundle = MapBundle.load(args.map)
+    query = load_side(args.msls, args.city, "query", args.subtask)
+    if args.descriptors:
+        rows, identity = read_descriptors(args.descriptors, list(query.keys))
+        bundle.check_descriptors(rows, identity, args.descriptors)
+        run = evaluate_queries(bundle, None, query, k=args.top_k, descriptors=rows)
+    else:
+        run = evaluate_queries(bundle, map_model(bundle, args.model), query, k=args.top_k)
+    rows = compare_rerankers(bundle, run, specs or list(COMPARED), grid=args.grid, device=args.device,
+                             warn=_warn("vpr-eval"))
     print(f"{args.city}: {run.metrics['queries']} queries with positives, K = {args.top_k}")
-    header = f"{'re-ranker':44s}" + "".join(f"{c:>10s}" for c in columns)
-    print(header)
-    for name, params, _, metrics in rows:
-        label = reranker_label(name, params)
-        print(f"{label:44s}" + "".join(f"{100 * metrics.get(c, float('nan')):10.2f}" for c in columns))
+    print(format_table(rows))
     if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        with open(out / "results.csv", "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(["reranker", "params", *columns, "queries"])
-            for name, params, _, m in rows:
-                writer.writerow([name, json.dumps(params), *(f"{m.get(c, float('nan')):.6f}" for c in columns),
-                                 m["queries"]])
-        lines = ["| re-ranker | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
-        for name, params, _, m in rows:
-            lines.append(f"| {name} {json.dumps(params) if params else ''} | " +
-                         " | ".join(f"{100 * m.get(c, float('nan')):.2f}" for c in columns) + " |")
-        (out / "results.md").write_text("\n".join(lines) + "\n")
-        keys = bundle.table.keys
-        for name, params, ranked, _ in rows:
-            slug = name.replace(" ", "_").replace("(", "").replace(")", "")
-            write_predictions(out / f"predictions_{slug}.txt", list(run.query.keys), [list(keys[r]) for r in ranked])
-        print(f"results written to {out}")
+        print(f"results written to {write_results(args.out, rows, bundle, run)}")
     return 0
 
 
@@ -358,11 +317,13 @@ def replay_main(argv: list[str] | None = None) -> int:
     live_only = (args.rate, args.frame_timeout, args.node_params, args.wait_for_node or None)
     if not args.live and any(v is not None for v in live_only):
         parser.error("--rate, --wait-for-node, --frame-timeout and --node-params need --live")
-    try:
-        report = _replay_live(args) if args.live else _replay_offline(args)
-    except (MapError, OSError, ValueError, RuntimeError) as exc:
-        print(f"vpr-replay: {exc}", file=sys.stderr)
-        return 1
+    return _reported("vpr-replay", lambda: _replay(args))
+
+
+def _replay(args) -> int:
+    import csv
+
+    report = _replay_live(args) if args.live else _replay_offline(args)
     if args.csv:
         with open(args.csv, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(report.rows[0]))
@@ -371,9 +332,10 @@ def replay_main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _warn_if_untrained(reranker, name: str) -> None:
-    if reranker.learned and not reranker.trained:
-        print(f"vpr-replay: WARNING: {name} has no trained weights; its ranking is random", file=sys.stderr)
+def _warn_if_untrained(reranker) -> None:
+    warning = reranker.untrained_warning()
+    if warning:
+        _warn("vpr-replay")(f"WARNING: {warning}")
 
 
 def _replay_offline(args):
@@ -385,7 +347,7 @@ def _replay_offline(args):
     name, params = args.reranker
     localizer = Localizer(bundle, map_model(bundle, args.model), name,
                           LocalizerSettings(top_k=min(args.top_k, len(bundle)), device=args.device), params)
-    _warn_if_untrained(localizer.reranker, name)
+    _warn_if_untrained(localizer.reranker)
     report = replay_bag(args.bag, localizer, use_gps=not args.no_gps)
     print(format_report(report))
     return report
@@ -393,10 +355,10 @@ def _replay_offline(args):
 
 def _replay_live(args):
     from .live_replay import LiveSettings, NodeSetup, format_live_report, replay_live
-    from .rerank.base import build_reranker
+    from .rerank import build_reranker
 
     name, params = args.reranker
-    _warn_if_untrained(build_reranker(name, **params), name)   # a bad name or parameter fails before the node starts
+    _warn_if_untrained(build_reranker(name, **params))   # a bad name or parameter fails before the node starts
     node = NodeSetup(map_path=args.map, model_path=args.model or "", reranker=name, reranker_params=params,
                      top_k=args.top_k, device=args.device, params_file=args.node_params)
     settings = LiveSettings(rate=1.0 if args.rate is None else args.rate, wait_for_node=args.wait_for_node,
@@ -416,18 +378,6 @@ def _city_map(text: str) -> tuple[str, str]:
 
 def train_main(argv: list[str] | None = None) -> int:
     """`vpr-train`: the thesis's two training steps on MSLS-layout cities (FC1, then the GNN with FC1 frozen)."""
-    from pathlib import Path
-
-    import torch
-    import yaml
-
-    from .datasets.msls import load_side
-    from .descriptors.extract import pick_device
-    from .mapbuild import map_model
-    from .rerank.base import build_reranker
-    from .rerank.learned import load_reranker
-    from .training import THESIS_SCHEDULE, TrainSettings, candidate_set, train
-
     parser = argparse.ArgumentParser(prog="vpr-train", description="Train the GNN re-ranker (thesis 3.3) on "
                                      "MSLS-layout cities, each with a map of its database side (vpr-map build).")
     parser.add_argument("--msls", required=True, help="MSLS root (real or synthetic)")
@@ -436,7 +386,7 @@ def train_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--val", action="append", type=_city_map, required=True, metavar="CITY=MAP",
                         help="a validation city and its map (repeatable); epochs are chosen by its mAP@10")
     parser.add_argument("--out", required=True, help="folder for fc/ and gnn/ checkpoints and logs")
-    parser.add_argument("--config", help="YAML overriding the thesis schedule (keys as training.THESIS_SCHEDULE)")
+    parser.add_argument("--config", help="YAML overriding the thesis schedule (keys as training.Schedule)")
     parser.add_argument("--steps", default="fc,gnn", help="fc, gnn or fc,gnn (default)")
     parser.add_argument("--fc-weights", help="for --steps gnn: the step-1 checkpoint whose FC1 is frozen in the GNN")
     parser.add_argument("--model", help="descriptor weights for the queries, for maps that do not store their model")
@@ -444,76 +394,28 @@ def train_main(argv: list[str] | None = None) -> int:
                                               "descriptors) instead of describing the query images")
     parser.add_argument("--device", default="auto", help="cuda, cpu or auto (default)")
     args = parser.parse_args(argv)
-    steps = args.steps.split(",")
-    if steps not in (["fc"], ["gnn"], ["fc", "gnn"]):
-        print(f"vpr-train: --steps must be fc, gnn or fc,gnn, got {args.steps!r}", file=sys.stderr)
-        return 2
-    if steps == ["gnn"] and not args.fc_weights:
-        print("vpr-train: --steps gnn needs --fc-weights (the FC1 trained in step 1)", file=sys.stderr)
-        return 2
-    try:
-        schedule = _merged(THESIS_SCHEDULE, yaml.safe_load(Path(args.config).read_text()) if args.config else {})
-        common = {k: schedule[k] for k in ("lr", "lr_decay", "batch_size", "bins", "seed")}
-        settings = {step: TrainSettings(epochs=schedule[step]["epochs"], K=schedule[step]["K"], **common)
-                    for step in ("fc", "gnn")}
-        device = str(pick_device(None if args.device == "auto" else args.device))
-        k = max(settings[step].K for step in steps)
+    steps = tuple(args.steps.split(","))
+    if steps not in (("fc",), ("gnn",), ("fc", "gnn")):
+        parser.error(f"--steps must be fc, gnn or fc,gnn, got {args.steps!r}")
+    if steps == ("gnn",) and not args.fc_weights:
+        parser.error("--steps gnn needs --fc-weights (the FC1 trained in step 1)")
+    return _reported("vpr-train", lambda: _train(args, steps))
 
-        def sets(pairs):
-            out = []
-            for city, path in pairs:
-                bundle = MapBundle.load(path)
-                query = load_side(args.msls, city, "query")
-                descriptors = model = None
-                if args.descriptors:
-                    descriptors = _query_descriptors(args.descriptors, bundle, list(query.keys))
-                else:
-                    model = map_model(bundle, args.model)
-                data = candidate_set(bundle, query, k, descriptors, model, schedule["min_overlap"], device)
-                print(f"{city}: {len(data.run.query)} queries, {len(data.trainable)} with a relevant candidate "
-                      f"among the top {k}")
-                out.append(data)
-            return out
 
-        train_sets, val_sets = sets(args.train), sets(args.val)
-        models = {data.bundle.meta["descriptor"].get("identity") or data.bundle.dim for data in train_sets + val_sets}
-        if len(models) != 1:
-            raise ValueError("the maps were built with different descriptor models: build them all with the same "
-                             "--model (a re-ranker learns one descriptor space)")
-        dim = train_sets[0].bundle.dim
-        gnn_params = {"dim": dim, "K": settings["gnn"].K, **schedule["gnn"].get("model", {})}
-        out = Path(args.out)
-        if "fc" in steps:
-            torch.manual_seed(schedule["seed"])                       # reproducible initial weights
-            fc = build_reranker("fc", dim=dim, hidden=gnn_params.get("hidden", 512))
-            fc_weights = train(fc, train_sets, val_sets, settings["fc"], out / "fc", device)
-        else:
-            fc_weights = args.fc_weights
-        if "gnn" in steps:
-            fc = load_reranker(fc_weights)
-            torch.manual_seed(schedule["seed"])
-            gnn = build_reranker("gnn", **gnn_params)
-            gnn.fc1.load_state_dict(fc.fc1.state_dict())
-            gnn.fc1.requires_grad_(False)
-            train(gnn, train_sets, val_sets, settings["gnn"], out / "gnn", device)
-    except (MapError, OSError, ValueError, KeyError, TypeError) as exc:
-        print(f"vpr-train: {exc}", file=sys.stderr)
-        return 1
+def _train(args, steps: tuple[str, ...]) -> int:
+    from pathlib import Path
+
+    import yaml
+
+    from .descriptors.extract import pick_device
+    from .training import Schedule, load_candidate_sets, required_k, train_schedule
+
+    schedule = Schedule.from_overrides(yaml.safe_load(Path(args.config).read_text()) if args.config else None)
+    device = str(pick_device(None if args.device == "auto" else args.device))
+    k = required_k(schedule, steps)
+    common = {"min_overlap": schedule.min_overlap, "model_weights": args.model, "descriptor_file": args.descriptors,
+              "device": device}
+    train_sets = load_candidate_sets(args.msls, args.train, k, **common)
+    val_sets = load_candidate_sets(args.msls, args.val, k, **common)
+    train_schedule(train_sets, val_sets, schedule, args.out, steps, args.fc_weights, device)
     return 0
-
-
-def _merged(defaults: dict, overrides: dict) -> dict:
-    """`defaults` with `overrides` applied; nested sections merge key by key and refuse unknown keys, except
-    `model` (GNN parameters, checked by the model's config)."""
-    unknown = set(overrides) - set(defaults)
-    if unknown:
-        raise ValueError(f"unknown schedule keys {sorted(unknown)}; known: {sorted(defaults)}")
-    merged = dict(defaults)
-    for key, value in overrides.items():
-        if key == "model":
-            merged[key] = {**defaults[key], **(value or {})}
-        elif isinstance(defaults[key], dict):
-            merged[key] = _merged(defaults[key], value or {})
-        else:
-            merged[key] = value
-    return merged

@@ -21,7 +21,7 @@ from .datasets.synth_town import BagConfig, SynthConfig, generate, plan_bag_driv
 from .datasets.town import TownConfig
 from .evaluation import evaluate_queries
 from .mapbuild import build_map, map_model
-from .rerank.base import reranker_label
+from .rerank import COMPARED, reranker_label
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-DEMO_RERANKERS = (("none", {}), ("superglobal", {"P": 1, "beta": 0.6}), ("k_reciprocal", {}), ("gnn_knn", {}))
+DEMO_RERANKERS = tuple((name, params) for name, params in COMPARED if name in ("none", "superglobal", "k_reciprocal",
+                                                                                 "gnn_knn"))
 
 
 def _live_replays(out: Path, config: SynthConfig, args) -> None:

@@ -1,32 +1,65 @@
 """Retrieval evaluation of a map against MSLS-layout queries (real or synthetic): describe the queries
 with the map's model, search (optionally near a noisy GPS hint), score against positives taken from the
-map's own positions."""
+map's own positions; re-rank the candidates; compare re-rankers in one table (thesis Table 4.1 layout)
+and write it with one MSLS prediction file per re-ranker."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import csv
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
+import torch
 
-from .datasets.msls import MslsSide
+from .datasets.msls import MslsSide, write_predictions
 from .descriptors.extract import DescriptorExtractor
 from .descriptors.model import GlobalDescriptor
-from .geo import latlon_to_utm
+from .geo import compass_to_grid, latlon_to_utm
 from .mapdb import MapBundle, SearchResult
-from .metrics import positives_within, retrieval_metrics
+from .metrics import POSITIVE_RADIUS_M, RESULT_COLUMNS, ks_up_to, positives_within, retrieval_metrics
+from .rerank import Reranker, build_reranker, rerank_inputs, rerank_order, reranker_label
+
+# The thesis's parameter searches (3.4) for the query-expansion re-rankers: `vpr-eval --grid`.
+THESIS_GRID = {
+    "aqe": [{"k": k} for k in range(1, 6)],
+    "alpha_qe": [{"k": k, "alpha": a} for k in range(1, 6) for a in (1.0, 1.5, 2.0, 2.5, 3.0)],
+    "superglobal": [{"P": p, "beta": b} for p in (1, 2, 3, 4) for b in (0.15, 0.3, 0.6)],
+}
 
 
 @dataclass
 class RetrievalRun:
     query: MslsSide            # the queries that could be described, in result order
     descriptors: np.ndarray    # their descriptors, same order
+    query_poses: np.ndarray    # (Q, 3) their true easting, northing and grid heading (NaN = no compass angle)
     result: SearchResult
     positives: list            # per query: map row indices within the radius
     metrics: dict
 
+    def first(self, k: int) -> "RetrievalRun":
+        """The same run cut to each query's first `k` candidates (metrics are those of the full run)."""
+        result = replace(self.result, ids=self.result.ids[:, :k], scores=self.result.scores[:, :k])
+        return replace(self, result=result)
+
+
+@dataclass
+class Comparison:
+    """One row of a re-ranker comparison: the re-ranker's name, its parameters, ranked map ids, metrics."""
+
+    name: str
+    params: dict
+    ranked: np.ndarray
+    metrics: dict
+
+    @property
+    def label(self) -> str:
+        return reranker_label(self.name, self.params)
+
 
 def evaluate_queries(bundle: MapBundle, model: GlobalDescriptor | None, query: MslsSide, k: int = 20,
-                     radius: float = 25.0, hint_noise_m: float | None = None, hint_radius: float | None = None,
-                     device: str | None = None, batch_size: int = 8, seed: int = 0,
+                     radius: float = POSITIVE_RADIUS_M, hint_noise_m: float | None = None,
+                     hint_radius: float | None = None, device: str | None = None, batch_size: int = 8, seed: int = 0,
                      descriptors: np.ndarray | None = None) -> RetrievalRun:
     """Recall@k / mAP@k of `bundle` for `query` images (positives within `radius` metres of map positions).
 
@@ -35,51 +68,94 @@ def evaluate_queries(bundle: MapBundle, model: GlobalDescriptor | None, query: M
     them; `model` is then not needed.
     """
     if descriptors is None:
+        bundle.check_model(model)
         items = list(zip(query.keys, map(str, query.image_paths())))
         extraction = DescriptorExtractor(model, device, batch_size).describe_files(items)
         order = {key: i for i, key in enumerate(query.keys)}
         query = query.select(np.array([order[key] for key in extraction.keys], dtype=np.int64))
         descriptors = extraction.descriptors
-    east, north, _ = latlon_to_utm(query.lat, query.lon, bundle.table.zone)   # the map's zone, whatever the CSV's
-    query_xy = np.stack([east, north], axis=1)
+    zone = bundle.table.zone                                   # the map's zone, whatever the CSV's
+    east, north, _ = latlon_to_utm(query.lat, query.lon, zone)
+    query_poses = np.stack([east, north, compass_to_grid(query.heading, query.lat, query.lon, zone)], axis=1)
     hint = None
     if hint_noise_m is not None:
-        hint = query_xy + np.random.default_rng(seed).normal(0.0, hint_noise_m, (len(query), 2))
+        hint = query_poses[:, :2] + np.random.default_rng(seed).normal(0.0, hint_noise_m, (len(query), 2))
     result = bundle.search(descriptors, k, hint_xy=hint, radius=hint_radius)
     map_xy = np.stack([bundle.table.easting, bundle.table.northing], axis=1)
-    positives = positives_within(query_xy, map_xy, radius)
-    ks = tuple(x for x in (1, 5, 10, 20) if x <= k)
-    return RetrievalRun(query=query, descriptors=descriptors, result=result, positives=positives,
-                        metrics=retrieval_metrics(result.ids, positives, ks=ks))
+    positives = positives_within(query_poses[:, :2], map_xy, radius)
+    return RetrievalRun(query=query, descriptors=descriptors, query_poses=query_poses, result=result,
+                        positives=positives, metrics=retrieval_metrics(result.ids, positives, ks=ks_up_to(k)))
 
 
-def rerank_run(bundle: MapBundle, run: RetrievalRun, reranker, batch_size: int = 32,
+def rerank_run(bundle: MapBundle, run: RetrievalRun, reranker: Reranker, batch_size: int = 32,
                device: str = "cpu") -> tuple[np.ndarray, dict]:
-    """Re-rank a retrieval run's candidates: returns (ranked map ids (Q, K), metrics). Candidate descriptors,
-    poses and overlaps come from the map; queries go through the re-ranker in batches (the re-ranker is
-    attached to the map first)."""
-    import torch
-
-    from .rerank.base import rerank_order
-
+    """Re-rank a retrieval run's candidates: returns (ranked map ids (Q, K), metrics). Inputs come from
+    `rerank_inputs` with the queries' true grid headings; queries go through the re-ranker in batches (the
+    re-ranker is checked against and attached to the map first)."""
+    bundle.check_reranker(reranker)
     ids = run.result.ids
-    if (ids < 0).any():
-        raise ValueError("some queries have fewer candidates than K; use a smaller K")
     ranked = np.empty_like(ids)
-    poses_all = bundle.table.poses
     reranker.attach_map(bundle.descriptors)
     with torch.inference_mode():
         for start in range(0, len(ids), batch_size):
-            block = ids[start:start + batch_size]
-            query = torch.from_numpy(np.ascontiguousarray(run.descriptors[start:start + batch_size], np.float32))
-            candidates = torch.from_numpy(np.asarray(bundle.descriptors[block.reshape(-1)], np.float32))
-            candidates = candidates.reshape(*block.shape, -1)
-            poses = overlaps = None
-            if reranker.uses_geometry:
-                poses = torch.from_numpy(poses_all[block]).to(device)
-                overlaps = torch.from_numpy(np.stack([bundle.overlap.lookup(row, row) for row in block])).to(device)
-            scores = reranker(query.to(device), candidates.to(device), poses, overlaps,
-                              ids=torch.from_numpy(block).to(device))
-            ranked[start:start + batch_size] = np.take_along_axis(block, rerank_order(scores).cpu().numpy(), 1)
-    ks = tuple(x for x in (1, 5, 10, 20) if x <= ids.shape[1])
-    return ranked, retrieval_metrics(ranked, run.positives, ks=ks)
+            rows = slice(start, start + batch_size)
+            inputs = rerank_inputs(bundle, run.descriptors[rows], ids[rows], run.query_poses[rows, 2],
+                                   geometry=reranker.uses_geometry, device=device)
+            ranked[rows] = np.take_along_axis(ids[rows], rerank_order(reranker(inputs)).cpu().numpy(), 1)
+    return ranked, retrieval_metrics(ranked, run.positives, ks=ks_up_to(ids.shape[1]))
+
+
+def compare_rerankers(bundle: MapBundle, run: RetrievalRun, specs: list[tuple[str, dict]], grid: bool = False,
+                      device: str = "cpu", log=print, warn=print) -> list[Comparison]:
+    """One row per (name, params) re-ranker, and with `grid` the best setting of each THESIS_GRID search (by
+    mAP@10, reported to `log`). `warn` is told about learned re-rankers without trained weights."""
+    built = [(name, params, build_reranker(name, **params)) for name, params in specs]
+    for _, _, reranker in built:          # every re-ranker is refused or warned about before any runs
+        bundle.check_reranker(reranker)
+        if reranker.untrained_warning():
+            warn(f"WARNING: {reranker.untrained_warning()}")
+    rows = [Comparison(name, params, *rerank_run(bundle, run, reranker.to(device).eval(), device=device))
+            for name, params, reranker in built]
+    if grid:
+        for name, settings in THESIS_GRID.items():
+            scored = [Comparison(f"{name} (grid best)", params,
+                                 *rerank_run(bundle, run, build_reranker(name, **params), device=device))
+                      for params in settings]
+            best = max(scored, key=lambda row: row.metrics["map@10"])
+            log(f"grid {name}: best by mAP@10 {best.params} ({best.metrics['map@10']:.4f} of {len(settings)} "
+                 "settings)")
+            rows.append(best)
+    return rows
+
+
+def format_table(rows: list[Comparison]) -> str:
+    """The comparison as a fixed-width text table, in percent."""
+    lines = [f"{'re-ranker':44s}" + "".join(f"{c:>10s}" for c in RESULT_COLUMNS)]
+    for row in rows:
+        lines.append(f"{row.label:44s}" +
+                     "".join(f"{100 * row.metrics.get(c, float('nan')):10.2f}" for c in RESULT_COLUMNS))
+    return "\n".join(lines)
+
+
+def write_results(out: str | Path, rows: list[Comparison], bundle: MapBundle, run: RetrievalRun) -> Path:
+    """`results.csv` (fractions), `results.md` (percent) and `predictions_<name>.txt` (MSLS format, one line per
+    query: the query key and its ranked map keys) in `out`."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "results.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["reranker", "params", *RESULT_COLUMNS, "queries"])
+        for row in rows:
+            writer.writerow([row.name, json.dumps(row.params),
+                             *(f"{row.metrics.get(c, float('nan')):.6f}" for c in RESULT_COLUMNS),
+                             row.metrics["queries"]])
+    lines = ["| re-ranker | " + " | ".join(RESULT_COLUMNS) + " |", "|---" * (len(RESULT_COLUMNS) + 1) + "|"]
+    for row in rows:
+        lines.append(f"| {row.name} {json.dumps(row.params) if row.params else ''} | " +
+                     " | ".join(f"{100 * row.metrics.get(c, float('nan')):.2f}" for c in RESULT_COLUMNS) + " |")
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    keys = bundle.table.keys
+    for row in rows:
+        slug = row.name.replace(" ", "_").replace("(", "").replace(")", "")
+        write_predictions(out / f"predictions_{slug}.txt", list(run.query.keys), [list(keys[r]) for r in row.ranked])
+    return out

@@ -118,6 +118,12 @@ def meridian_convergence_deg(lat, lon, zone: UtmZone) -> np.ndarray:
     return np.asarray(factors.meridian_convergence, dtype=np.float64)
 
 
+def compass_to_grid(heading_deg, lat, lon, zone: UtmZone) -> np.ndarray:
+    """Compass headings (degrees clockwise from true north) at WGS84 points -> UTM grid headings in [0, 360)
+    (clockwise from grid north), the form map poses use; NaN headings stay NaN (unknown)."""
+    return np.mod(np.asarray(heading_deg, dtype=np.float64) - meridian_convergence_deg(lat, lon, zone), 360.0)
+
+
 class EnuFrame:
     """A local east-north-up frame (metres) tangent to the WGS84 ellipsoid at a datum."""
 
@@ -338,23 +344,37 @@ class OverlapGraph:
 
     def lookup(self, rows, cols) -> np.ndarray:
         """Dense (len(rows), len(cols)) overlaps for map indices; index -1 (padding) gives 0."""
-        rows, cols = np.asarray(rows, dtype=np.int64), np.asarray(cols, dtype=np.int64)
+        return self.lookup_batch(np.asarray(rows, np.int64)[None], np.asarray(cols, np.int64)[None])[0]
+
+    def lookup_batch(self, rows, cols=None) -> np.ndarray:
+        """Dense (B, R, C) overlaps for a batch of (B, R) row and (B, C) column map indices (`cols` defaults to
+        `rows`: the candidates' own K x K affinities); index -1 (padding) gives 0. One CSR slice of all rows;
+        each stored neighbour finds its column by binary search among the batch's sorted (query, column) keys,
+        so the cost grows with the neighbours read, never with the map's size."""
+        rows = np.asarray(rows, dtype=np.int64)
+        cols = rows if cols is None else np.asarray(cols, dtype=np.int64)
+        if rows.ndim != 2 or cols.ndim != 2 or len(rows) != len(cols):
+            raise ValueError(f"rows and cols must be (B, R) and (B, C), got {rows.shape} and {cols.shape}")
         for name, idx in (("rows", rows), ("cols", cols)):
             if idx.size and (idx.max() >= self.size or idx.min() < -1):
                 raise IndexError(f"{name} index out of range for a map of {self.size} images")
-        # One CSR row slice; each stored neighbour goes to its column through a map-index -> column table
-        # whose spare last column takes neighbours not asked for (2.2-2.8x faster than scipy's column slicing).
-        targets, inverse = np.unique(cols, return_inverse=True)
-        valid = rows >= 0
-        block = self.matrix[rows[valid]]
-        spare = targets.size
-        column = np.full(self.size + 1, spare, dtype=np.int32)
-        column[targets] = np.arange(targets.size)
-        column[-1] = spare                                     # padding (-1) columns stay empty
-        out = np.zeros((rows.size, spare + 1), dtype=np.float32)
-        flat = np.repeat(np.flatnonzero(valid) * (spare + 1), np.diff(block.indptr)) + column[block.indices]
-        out.ravel()[flat] = block.data
-        return out[:, inverse]
+        b, r, c = rows.shape[0], rows.shape[1], cols.shape[1]
+        out = np.zeros((b * r, c), dtype=np.float32)
+        if not (rows.size and cols.size):
+            return out.reshape(b, r, c)
+        # Key (query, map index) of every asked column; padding gets a distinct negative key that never matches.
+        keys = np.arange(b)[:, None] * self.size + cols
+        keys = np.where(cols >= 0, keys, -1 - np.arange(b * c).reshape(b, c)).ravel()
+        unique, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+        valid = np.flatnonzero(rows.ravel() >= 0)
+        block = self.matrix[rows.ravel()[valid]]
+        owner = np.repeat(valid, np.diff(block.indptr))                 # flat (query, row) of each stored value
+        wanted = (owner // r) * self.size + block.indices
+        at = np.minimum(np.searchsorted(unique, wanted), unique.size - 1)
+        hit = unique[at] == wanted
+        out[owner[hit], first[at[hit]] % c] = block.data[hit]
+        # Repeated columns read the value filled in at their first occurrence.
+        return np.take_along_axis(out.reshape(b, r, c), (first[inverse] % c).reshape(b, 1, c), axis=2)
 
     def save(self, path: Path) -> None:
         """Write as an .npz of plain arrays (CSR parts and FoV parameters); no pickles."""

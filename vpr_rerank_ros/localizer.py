@@ -11,9 +11,9 @@ import torch
 
 from .descriptors.extract import DescriptorExtractor
 from .descriptors.model import GlobalDescriptor
-from .geo import heading_difference, utm_to_latlon
-from .mapdb import MapBundle, dot_rows
-from .rerank.base import Reranker, build_reranker, rerank_order
+from .geo import compass_to_grid, heading_difference, utm_to_latlon
+from .mapdb import MapBundle
+from .rerank import Reranker, build_reranker, rerank_inputs, rerank_order
 
 
 @dataclass(frozen=True)
@@ -84,27 +84,34 @@ class Localizer:
 
     def __init__(self, bundle: MapBundle, model: GlobalDescriptor, reranker: Reranker | str = "none",
                  settings: LocalizerSettings = LocalizerSettings(), reranker_params: dict | None = None) -> None:
-        expected = bundle.meta["descriptor"].get("identity")
-        if expected and model.identity != expected:
-            raise ValueError(f"descriptor model {model.config.name} does not match the map {bundle.root} "
-                             f"(built with {bundle.meta['descriptor'].get('name')})")
-        if model.output_dim != bundle.dim:
-            raise ValueError(f"descriptor model gives {model.output_dim}-D vectors, the map holds {bundle.dim}-D")
+        bundle.check_model(model)
         self.bundle, self.settings = bundle, settings
+        self._centre = (float(np.mean(bundle.table.lat)), float(np.mean(bundle.table.lon)))
         self.extractor = DescriptorExtractor(model, settings.device, batch_size=1)
         self.device = self.extractor.device
         self.set_reranker(reranker, **(reranker_params or {}))
 
-    def set_reranker(self, reranker: Reranker | str, **params) -> None:
-        """Swap the re-ranker (e.g. from a parameter callback); it precomputes what it needs of the map."""
+    def prepare_reranker(self, reranker: Reranker | str, **params) -> Reranker:
+        """A re-ranker checked against this map, on this localizer's device, with what it precomputes of the map
+        (slow for learned models): safe to run beside `localize`, then swap in with `use_reranker`."""
         reranker = build_reranker(reranker, **params) if isinstance(reranker, str) else reranker
+        self.bundle.check_reranker(reranker)
         reranker = reranker.to(self.device).eval()
         reranker.attach_map(self.bundle.descriptors)
+        return reranker
+
+    def use_reranker(self, reranker: Reranker) -> None:
+        """Swap in a re-ranker made by `prepare_reranker` (between two frames)."""
         self.reranker = reranker
+
+    def set_reranker(self, reranker: Reranker | str, **params) -> None:
+        """Prepare and swap the re-ranker in one call."""
+        self.use_reranker(self.prepare_reranker(reranker, **params))
 
     def localize(self, image: np.ndarray, gps_hint: tuple[float, float, float] | None = None,
                  heading_hint: float | None = None, stamp: float | None = None) -> Localization:
-        """Localise one RGB image. `gps_hint` = (lat, lon, 1-sigma metres); `heading_hint` = compass degrees."""
+        """Localise one RGB image. `gps_hint` = (lat, lon, 1-sigma metres); `heading_hint` = compass degrees
+        (clockwise from true north), given to re-rankers that use the query's heading."""
         timings = {}
         start = time.perf_counter()
         descriptor = self.extractor.describe_arrays([image])
@@ -122,13 +129,11 @@ class Localizer:
         ids = result.ids[0][result.ids[0] >= 0]
         if ids.size == 0:
             raise ValueError("the map returned no candidates")
-        candidates = np.asarray(self.bundle.descriptors[ids], np.float32)
-        order = self._rerank(descriptor, candidates, ids, heading_hint)
+        order, similarities = self._rerank(descriptor, ids, self._grid_heading(heading_hint, gps_hint))
         timings["reranking"] = time.perf_counter() - start
 
         start = time.perf_counter()
-        similarities = dot_rows(candidates, descriptor[0])[order]
-        localization = self._pose(ids[order], similarities, gps_used=bool(result.restricted[0]),
+        localization = self._pose(ids[order], similarities[order], gps_used=bool(result.restricted[0]),
                                   fallback=bool(result.fallback[0]), note=note, stamp=stamp)
         timings["pose"] = time.perf_counter() - start
         localization.timings = timings
@@ -143,19 +148,25 @@ class Localizer:
         sigma = sigma if math.isfinite(sigma) and sigma > 0 else 0.0
         return self.bundle.hint_from_latlon(lat, lon), self.settings.gps_radius_m + 3 * sigma, "GPS hint used"
 
-    def _rerank(self, descriptor: np.ndarray, candidates: np.ndarray, ids: np.ndarray, heading_hint) -> np.ndarray:
-        """New order of the candidates; map geometry is looked up only for re-rankers that use it."""
-        poses = overlaps = heading = None
+    def _grid_heading(self, heading_hint: float | None, gps_hint) -> float:
+        """A compass heading hint as a grid heading in the map's zone (at the GPS hint, else the map's centre);
+        NaN when there is none."""
+        if heading_hint is None or not math.isfinite(float(heading_hint)):
+            return float("nan")
+        lat, lon = (gps_hint[0], gps_hint[1]) if gps_hint is not None else self._centre
+        if not (math.isfinite(lat) and math.isfinite(lon)) or abs(lat) > 90 or abs(lon) > 180:
+            lat, lon = self._centre
+        return float(compass_to_grid(float(heading_hint), lat, lon, self.bundle.table.zone))
+
+    def _rerank(self, descriptor: np.ndarray, ids: np.ndarray, grid_heading: float) -> tuple[np.ndarray, np.ndarray]:
+        """New order of the candidates and their descriptor similarities to the query (in retrieval order); map
+        geometry is looked up only for re-rankers that use it."""
         with torch.inference_mode():
-            if self.reranker.uses_geometry:
-                poses = torch.from_numpy(self.bundle.table.poses[ids])[None].to(self.device)
-                overlaps = torch.from_numpy(self.bundle.overlap.lookup(ids, ids))[None].to(self.device)
-                if heading_hint is not None:
-                    heading = torch.tensor([float(heading_hint)], device=self.device)
-            scores = self.reranker(torch.from_numpy(descriptor).to(self.device),
-                                   torch.from_numpy(candidates)[None].to(self.device), poses, overlaps, heading,
-                                   torch.from_numpy(ids)[None].to(self.device))
-            return rerank_order(scores)[0].cpu().numpy()
+            inputs = rerank_inputs(self.bundle, descriptor, ids[None], np.array([grid_heading]),
+                                   geometry=self.reranker.uses_geometry, device=self.device)
+            order = rerank_order(self.reranker(inputs))[0]
+            similarities = torch.mv(inputs.candidates[0].float(), inputs.query[0].float())
+            return order.cpu().numpy(), similarities.cpu().numpy()
 
     def _pose(self, ids, similarities, gps_used, fallback, note, stamp) -> Localization:
         """The estimate is the weighted mean of the top matches that agree with the best one (weights: softmax

@@ -75,18 +75,15 @@ def build_map(out: str | Path, images: ImageSet, model: GlobalDescriptor | None 
 def map_model(bundle: MapBundle, weights: str | Path | None = None) -> GlobalDescriptor:
     """The descriptor model to describe queries for `bundle`: `weights` when given, else the model stored in
     the map. Refuses a model whose identity differs from the one the map was built with."""
-    expected = bundle.meta["descriptor"].get("identity")
     if weights is not None:
         model = load_model(weights)
     else:
         stored = bundle.attachment(MODEL_FILE)
         if stored is None:
             raise ValueError(f"{bundle.root} stores no descriptor model (it was built with "
-                             f"{bundle.meta['descriptor'].get('name', 'external weights')}): give those weights")
+                             f"{bundle.meta.descriptor.name or 'external weights'}): give those weights")
         model = load_native(stored)
-    if expected and model.identity != expected:
-        raise ValueError(f"descriptor model {model.config.name} ({model.identity[:12]}) does not match the map "
-                         f"{bundle.root}, built with {bundle.meta['descriptor'].get('name')} ({expected[:12]})")
+    bundle.check_model(model)
     return model
 
 

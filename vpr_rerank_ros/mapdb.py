@@ -16,7 +16,7 @@ import json
 import os
 import shutil
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from functools import cached_property
 from pathlib import Path
 
@@ -29,7 +29,8 @@ FORMAT_NAME = "vpr_rerank_ros.map"
 FORMAT_VERSION = 1
 TABLE_COLUMNS = ("key", "easting", "northing", "lat", "lon", "heading", "captured_at", "path")
 FILES = ("images.csv", "descriptors.npy", "index.faiss", "overlap.npz")
-NORM_TOLERANCE = {"float32": 1e-3, "float16": 1e-2}
+NORM_TOLERANCE = {"float32": 1e-3, "float16": 1e-2}   # |norm - 1| allowed for stored descriptor rows
+INDEX_KINDS = ("flat", "ivfpq")
 
 
 class MapError(ValueError):
@@ -55,11 +56,95 @@ class IndexConfig:
     nprobe: int = 32       # cells visited per search
 
     def __post_init__(self) -> None:
-        if self.kind not in ("flat", "ivfpq"):
-            raise ValueError(f"index kind must be 'flat' or 'ivfpq', got {self.kind!r}")
+        if self.kind not in INDEX_KINDS:
+            raise ValueError(f"index kind must be one of {INDEX_KINDS}, got {self.kind!r}")
         for name in ("nlist", "pq_m", "pq_bits", "nprobe"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"index {name} must be positive, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class DescriptorInfo:
+    """What made a map's descriptors: the model's kind, name and identity (a hash of its weights, checked
+    against query models), and how they are stored."""
+
+    kind: str                    # 'netvlad' or 'precomputed'
+    dim: int
+    dtype: str                   # 'float32' or 'float16'
+    name: str = ""
+    identity: str = ""           # empty: not known (a model cannot be checked against it)
+    backbone: str = ""
+    stored_model: bool = False   # the map holds its own descriptor model (model.safetensors)
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    bytes: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class MapMeta:
+    """map.json, parsed once and validated: errors name the key. `to_json` writes it back unchanged."""
+
+    count: int
+    zone: UtmZone
+    descriptor: DescriptorInfo
+    index: IndexConfig
+    fov_radius_m: float
+    fov_angle_deg: float
+    overlap_pairs: int
+    files: dict                  # file name -> FileEntry (the map's own files and its attachments)
+
+    @classmethod
+    def from_json(cls, data, source: str | Path) -> "MapMeta":
+        def fail(text: str) -> MapError:
+            return MapError(f"{source}: {text}")
+
+        if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
+            raise fail(f"not a {FORMAT_NAME} file")
+        if data.get("version") != FORMAT_VERSION:
+            raise fail(f"format version {data.get('version')}, this software reads {FORMAT_VERSION}")
+        for key in ("count", "utm_zone", "descriptor", "index", "fov", "overlap_pairs", "files"):
+            if key not in data:
+                raise fail(f"missing field {key!r}")
+        count = data["count"]
+        if not isinstance(count, int) or count < 1:
+            raise fail(f"'count': a map needs at least one image, got {count!r}")
+        try:
+            zone = UtmZone.parse(data["utm_zone"])
+        except ValueError as exc:
+            raise fail(f"'utm_zone': {exc}") from exc
+        desc = data["descriptor"]
+        known = {f.name for f in fields(DescriptorInfo)}
+        if not isinstance(desc, dict) or not {"kind", "dim", "dtype"} <= set(desc) or set(desc) - known:
+            raise fail(f"'descriptor' needs kind, dim and dtype (and at most {sorted(known)}), got {desc}")
+        if desc["dtype"] not in NORM_TOLERANCE or not isinstance(desc["dim"], int) or desc["dim"] < 1:
+            raise fail(f"'descriptor': dim must be a positive integer and dtype float32/float16, got {desc}")
+        index = data["index"]
+        if not isinstance(index, dict) or index.get("kind") not in INDEX_KINDS:
+            raise fail(f"'index': kind must be one of {INDEX_KINDS}, got {index}")
+        fov = data["fov"]
+        if not isinstance(fov, dict) or not {"radius_m", "angle_deg"} <= set(fov):
+            raise fail(f"'fov' needs radius_m and angle_deg, got {fov}")
+        files = data["files"]
+        if not isinstance(files, dict) or not all(isinstance(v, dict) and {"bytes", "sha256"} <= set(v)
+                                                  for v in files.values()):
+            raise fail("'files' must map each file name to its bytes and sha256")
+        try:
+            return cls(count=count, zone=zone, descriptor=DescriptorInfo(**desc), index=IndexConfig(**index),
+                       fov_radius_m=float(fov["radius_m"]), fov_angle_deg=float(fov["angle_deg"]),
+                       overlap_pairs=int(data["overlap_pairs"]),
+                       files={name: FileEntry(int(v["bytes"]), str(v["sha256"])) for name, v in files.items()})
+        except (TypeError, ValueError) as exc:
+            raise fail(str(exc)) from exc
+
+    def to_json(self) -> dict:
+        index = asdict(self.index) if self.index.kind != "flat" else {"kind": "flat"}
+        return {"format": FORMAT_NAME, "version": FORMAT_VERSION, "count": self.count, "utm_zone": str(self.zone),
+                "descriptor": asdict(self.descriptor), "index": index,
+                "fov": {"radius_m": self.fov_radius_m, "angle_deg": self.fov_angle_deg},
+                "overlap_pairs": self.overlap_pairs, "files": {k: asdict(v) for k, v in self.files.items()}}
 
 
 @dataclass
@@ -145,7 +230,7 @@ class MapBundle:
     """A loaded (or freshly built) map: table, memory-mapped descriptors, faiss index, overlap graph."""
 
     root: Path
-    meta: dict
+    meta: MapMeta
     table: MapTable
     descriptors: np.ndarray
     overlap: OverlapGraph
@@ -161,8 +246,8 @@ class MapBundle:
               attachments: dict[str, Path] | None = None) -> "MapBundle":
         """Write a map directory atomically (temporary directory, then rename) and load it.
 
-        `descriptor` describes the model that made the descriptors: at least {'kind': str}; anything
-        else (e.g. the model's identity) is stored so that a query model can be checked against it.
+        `descriptor` describes the model that made the descriptors: DescriptorInfo's fields but dim and dtype
+        (at least `kind`; the model's identity lets `check_model` refuse a different query model).
         `attachments` ({name: source file}) are copied in and checksummed like the map's own files
         (e.g. the map-specific descriptor model).
         """
@@ -173,8 +258,6 @@ class MapBundle:
         out = Path(out)
         if out.exists() and not overwrite:
             raise FileExistsError(f"{out} already exists (pass overwrite=True to replace it)")
-        if "kind" not in descriptor:
-            raise ValueError("descriptor info needs at least a 'kind'")
         if dtype not in NORM_TOLERANCE:
             raise ValueError(f"descriptor dtype must be float32 or float16, got {dtype!r}")
         n = len(table)
@@ -185,8 +268,11 @@ class MapBundle:
             raise ValueError(f"descriptors must be ({n}, D) for {n} images, got {descriptors.shape}")
         stored = descriptors.astype(dtype)
         _check_descriptors(stored, dtype, "descriptors")
-        dim = descriptors.shape[1]
-        faiss_index, index_info = _train_index(stored.astype(np.float32), index)
+        try:
+            info = DescriptorInfo(**descriptor, dim=int(descriptors.shape[1]), dtype=dtype)
+        except TypeError as exc:
+            raise ValueError(f"descriptor info: {exc} (fields: {[f.name for f in fields(DescriptorInfo)]})") from exc
+        faiss_index, index_config = _train_index(stored.astype(np.float32), index)
         graph = OverlapGraph.build(table.poses, fov_radius, fov_deg)
 
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -199,19 +285,12 @@ class MapBundle:
             graph.save(tmp / "overlap.npz")
             for name, source in attachments.items():
                 shutil.copyfile(source, tmp / name)
-            meta = {
-                "format": FORMAT_NAME,
-                "version": FORMAT_VERSION,
-                "count": n,
-                "utm_zone": str(table.zone),
-                "descriptor": {**descriptor, "dim": int(dim), "dtype": dtype},
-                "index": index_info,
-                "fov": {"radius_m": float(fov_radius), "angle_deg": float(fov_deg)},
-                "overlap_pairs": int((graph.matrix.nnz - n) // 2),
-                "files": {name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
-                          for name in (*FILES, *attachments)},
-            }
-            (tmp / "map.json").write_text(json.dumps(meta, indent=2) + "\n")
+            meta = MapMeta(count=n, zone=table.zone, descriptor=info, index=index_config,
+                           fov_radius_m=float(fov_radius), fov_angle_deg=float(fov_deg),
+                           overlap_pairs=int((graph.matrix.nnz - n) // 2),
+                           files={name: FileEntry((tmp / name).stat().st_size, _sha256(tmp / name))
+                                  for name in (*FILES, *attachments)})
+            (tmp / "map.json").write_text(json.dumps(meta.to_json(), indent=2) + "\n")
             _replace_dir(tmp, out)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -228,48 +307,47 @@ class MapBundle:
         """
         root = Path(root)
         meta = _read_meta(root)
-        files = meta["files"]
+        files = meta.files
         for name in (*FILES, *(f for f in files if f not in FILES)):
             path = root / name
             if name not in files:
                 raise MapError(f"{root / 'map.json'}: no entry for {name}")
             if not path.is_file():
                 raise MapError(f"{path}: missing")
-            if path.stat().st_size != files[name]["bytes"]:
-                raise MapError(f"{path}: size {path.stat().st_size} bytes, map.json says {files[name]['bytes']}")
-            if verify and _sha256(path) != files[name]["sha256"]:
+            if path.stat().st_size != files[name].bytes:
+                raise MapError(f"{path}: size {path.stat().st_size} bytes, map.json says {files[name].bytes}")
+            if verify and _sha256(path) != files[name].sha256:
                 raise MapError(f"{path}: checksum mismatch (the file changed or is corrupt)")
-        n, desc = meta["count"], meta["descriptor"]
-        try:
-            zone = UtmZone.parse(meta["utm_zone"])
-        except ValueError as exc:
-            raise MapError(f"{root / 'map.json'}: {exc}") from exc
-        table = _read_table(root / "images.csv", zone)
+        n, desc = meta.count, meta.descriptor
+        table = _read_table(root / "images.csv", meta.zone)
         if len(table) != n:
             raise MapError(f"{root / 'images.csv'}: {len(table)} rows, map.json says {n} images")
         try:
             descriptors = np.load(root / "descriptors.npy", mmap_mode="r", allow_pickle=False)
         except ValueError as exc:
             raise MapError(f"{root / 'descriptors.npy'}: not a readable .npy array ({exc})") from exc
-        if descriptors.shape != (n, desc["dim"]) or descriptors.dtype != np.dtype(desc["dtype"]):
+        if descriptors.shape != (n, desc.dim) or descriptors.dtype != np.dtype(desc.dtype):
             raise MapError(f"{root / 'descriptors.npy'}: {descriptors.dtype}{list(descriptors.shape)}, "
-                           f"map.json says {desc['dtype']}[{n}, {desc['dim']}]")
+                           f"map.json says {desc.dtype}[{n}, {desc.dim}]")
         faiss = _faiss()
         try:
             index = faiss.read_index(str(root / "index.faiss"))
         except RuntimeError as exc:
             raise MapError(f"{root / 'index.faiss'}: not a readable faiss index ({exc})") from exc
-        if index.ntotal != n or index.d != desc["dim"]:
+        if index.ntotal != n or index.d != desc.dim:
             raise MapError(f"{root / 'index.faiss'}: {index.ntotal} vectors of dimension {index.d}, "
-                           f"expected {n} of dimension {desc['dim']}")
-        if meta["index"]["kind"] == "ivfpq":
-            faiss.extract_index_ivf(index).nprobe = int(meta["index"]["nprobe"])
+                           f"expected {n} of dimension {desc.dim}")
+        if meta.index.kind == "ivfpq":
+            faiss.extract_index_ivf(index).nprobe = meta.index.nprobe
         try:
             overlap = OverlapGraph.load(root / "overlap.npz")
         except (ValueError, KeyError, OSError) as exc:
             raise MapError(f"{root / 'overlap.npz'}: not a readable overlap graph ({exc})") from exc
         if overlap.size != n:
             raise MapError(f"{root / 'overlap.npz'}: graph over {overlap.size} images, expected {n}")
+        if (overlap.radius, overlap.fov_deg) != (meta.fov_radius_m, meta.fov_angle_deg):
+            raise MapError(f"{root / 'overlap.npz'}: FoV {overlap.radius} m / {overlap.fov_deg}°, map.json says "
+                           f"{meta.fov_radius_m} m / {meta.fov_angle_deg}°")
         gpu = _gpu_available() if use_gpu is None else bool(use_gpu)
         if gpu:
             if not _gpu_available():
@@ -282,11 +360,46 @@ class MapBundle:
 
     def attachment(self, name: str) -> Path | None:
         """Path of an attached file (checked on load), or None when the map has none of that name."""
-        return self.root / name if name in self.meta["files"] and name not in FILES else None
+        return self.root / name if name in self.meta.files and name not in FILES else None
 
     @property
     def dim(self) -> int:
-        return int(self.meta["descriptor"]["dim"])
+        return self.meta.descriptor.dim
+
+    def check_model(self, model) -> None:
+        """Refuse a descriptor model (GlobalDescriptor) whose vectors cannot be compared with the map's: another
+        dimension, or another identity than the map's model. The one check before describing queries."""
+        expected = self.meta.descriptor
+        if expected.identity and model.identity != expected.identity:
+            raise MapError(f"descriptor model {model.config.name} ({model.identity[:12]}) does not match the map "
+                           f"{self.root}, built with {expected.name} ({expected.identity[:12]})")
+        if model.output_dim != expected.dim:
+            raise MapError(f"descriptor model {model.config.name} gives {model.output_dim}-D vectors, the map "
+                           f"{self.root} holds {expected.dim}-D")
+
+    def check_descriptors(self, descriptors: np.ndarray, identity: str | None, source: str) -> None:
+        """The same check for precomputed query descriptors from `source` and the identity they were made with."""
+        expected = self.meta.descriptor
+        if descriptors.ndim != 2 or descriptors.shape[1] != expected.dim:
+            raise MapError(f"{source}: {descriptors.shape[-1]}-D descriptors, the map {self.root} holds "
+                           f"{expected.dim}-D")
+        if identity and expected.identity and identity != expected.identity:
+            raise MapError(f"{source}: descriptors of model {identity[:12]}, the map {self.root} was built with "
+                           f"{expected.name} ({expected.identity[:12]})")
+
+    def check_reranker(self, reranker) -> None:
+        """Refuse a re-ranker that cannot run on this map: a learned model for other descriptors, or one whose
+        positional affinities assume another field of view than the map's overlap graph."""
+        config = getattr(reranker, "config", None)
+        if config is None:
+            return
+        if config.dim != self.dim:
+            raise MapError(f"the {config.variant} model expects {config.dim}-D descriptors (its `dim`), the map "
+                           f"{self.root} holds {self.dim}-D")
+        if reranker.uses_geometry and (config.fov_radius, config.fov_deg) != (self.overlap.radius, self.overlap.fov_deg):
+            raise MapError(f"the {config.variant} model was trained with a {config.fov_radius:g} m / {config.fov_deg:g}° "
+                           f"field of view, the map {self.root} has {self.overlap.radius:g} m / "
+                           f"{self.overlap.fov_deg:g}°: rebuild the map with the model's FoV")
 
     def __len__(self) -> int:
         return len(self.table)
@@ -366,13 +479,13 @@ def _check_descriptors(d: np.ndarray, dtype: str, name: str) -> None:
                          f"({bad.size} rows off by more than {NORM_TOLERANCE[dtype]})")
 
 
-def _train_index(vectors: np.ndarray, config: IndexConfig) -> tuple[object, dict]:
-    """A faiss inner-product index over the vectors, and its description for map.json."""
+def _train_index(vectors: np.ndarray, config: IndexConfig) -> tuple[object, IndexConfig]:
+    """A faiss inner-product index over the vectors, and the settings it was built with."""
     faiss = _faiss()
     n, dim = vectors.shape
     if config.kind == "flat":
         index = faiss.IndexFlatIP(dim)
-        info = {"kind": "flat"}
+        config = IndexConfig(kind="flat")
     else:
         if dim % config.pq_m:
             raise ValueError(f"pq_m={config.pq_m} must divide the descriptor dimension {dim}")
@@ -384,10 +497,8 @@ def _train_index(vectors: np.ndarray, config: IndexConfig) -> tuple[object, dict
                                     faiss.METRIC_INNER_PRODUCT)
         index.train(vectors)
         faiss.extract_index_ivf(index).nprobe = config.nprobe
-        info = {"kind": "ivfpq", "nlist": config.nlist, "pq_m": config.pq_m, "pq_bits": config.pq_bits,
-                "nprobe": config.nprobe}
     index.add(vectors)
-    return index, info
+    return index, config
 
 
 def _write_table(path: Path, table: MapTable) -> None:
@@ -419,30 +530,17 @@ def _read_table(path: Path, zone: UtmZone) -> MapTable:
         raise MapError(f"{path}: {exc}") from exc
 
 
-def _read_meta(root: Path) -> dict:
+def _read_meta(root: Path) -> MapMeta:
     if not root.is_dir():
         raise MapError(f"{root}: no such map directory")
     path = root / "map.json"
     if not path.is_file():
         raise MapError(f"{path}: missing (not a map directory, or an interrupted build)")
     try:
-        meta = json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise MapError(f"{path}: not valid JSON ({exc})") from exc
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
-        raise MapError(f"{path}: not a {FORMAT_NAME} file")
-    if meta.get("version") != FORMAT_VERSION:
-        raise MapError(f"{path}: format version {meta.get('version')}, this software reads {FORMAT_VERSION}")
-    for key in ("count", "utm_zone", "descriptor", "index", "fov", "files"):
-        if key not in meta:
-            raise MapError(f"{path}: missing field {key!r}")
-    if not isinstance(meta["count"], int) or meta["count"] < 1:
-        raise MapError(f"{path}: a map needs at least one image, count is {meta['count']!r}")
-    if not {"kind", "dim", "dtype"} <= set(meta["descriptor"]) or meta["descriptor"]["dtype"] not in NORM_TOLERANCE:
-        raise MapError(f"{path}: descriptor needs kind, dim and dtype float32/float16, got {meta['descriptor']}")
-    if not isinstance(meta["index"], dict) or meta["index"].get("kind") not in ("flat", "ivfpq"):
-        raise MapError(f"{path}: index kind must be 'flat' or 'ivfpq', got {meta['index']}")
-    return meta
+    return MapMeta.from_json(data, path)
 
 
 def _sha256(path: Path) -> str:

@@ -1,4 +1,4 @@
-"""Retrieval and localisation metrics (method.md §7): Recall@k and mAP@k as the MSLS challenge defines
+"""Retrieval and localisation metrics (docs/evaluation.md): Recall@k and mAP@k as the MSLS challenge defines
 them, positives from positions, and statistics of localisation errors."""
 from __future__ import annotations
 
@@ -9,7 +9,14 @@ from scipy.spatial import cKDTree
 
 from .geo import heading_difference
 
-DEFAULT_KS = (1, 5, 10, 20)
+DEFAULT_KS = (1, 5, 10, 20)     # the k of Recall@k / mAP@k in every table
+POSITIVE_RADIUS_M = 25.0        # a map image within this distance of the query's position is a positive (MSLS)
+RESULT_COLUMNS = ("map@1", "map@5", "map@10", "map@20", "recall@5", "recall@10", "recall@20")   # Table 4.1 layout
+
+
+def ks_up_to(k: int) -> tuple[int, ...]:
+    """The DEFAULT_KS that a ranking of `k` candidates can score."""
+    return tuple(x for x in DEFAULT_KS if x <= k)
 
 
 def retrieval_metrics(ranked: Sequence[Sequence], positives: Sequence, ks: Sequence[int] = DEFAULT_KS) -> dict:
@@ -82,7 +89,7 @@ def _first_hits(ids: np.ndarray, pos_q: np.ndarray, pos_ids: np.ndarray) -> np.n
     return (is_pos & ~repeat).astype(np.float64)
 
 
-def positives_within(query_xy, map_xy, radius: float = 25.0, query_heading=None, map_heading=None,
+def positives_within(query_xy, map_xy, radius: float = POSITIVE_RADIUS_M, query_heading=None, map_heading=None,
                      max_heading_diff: float | None = None) -> list[np.ndarray]:
     """For each query, the sorted indices of map images within `radius` metres (KD-tree, no all-pairs matrix).
 

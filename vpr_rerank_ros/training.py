@@ -1,34 +1,25 @@
-"""Training the learned re-rankers (thesis 3.3, method.md §5): the quantized average-precision loss,
-per-query candidate sets drawn from a city's map, and the epoch loop with per-epoch checkpoints chosen by
-validation mAP@10. The two-step schedule (FC1 alone, then the GNN with FC1 frozen) is `vpr-train`'s."""
+"""Training the learned re-rankers (docs/training.md): the quantized average-precision loss, per-query
+candidate sets drawn from a city's map, the epoch loop with per-epoch checkpoints chosen by validation
+mAP@10, and the thesis's two-step schedule (FC1 alone, then the GNN with FC1 frozen)."""
 from __future__ import annotations
 
 import csv
 import shutil
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
-from .datasets.msls import MslsSide
+from .datasets.msls import MslsSide, load_side
 from .evaluation import RetrievalRun, evaluate_queries, rerank_run
-from .geo import fov_overlap, latlon_to_utm, meridian_convergence_deg
+from .geo import fov_overlap
 from .mapdb import MapBundle
-from .rerank.learned import LearnedReranker, save_reranker
+from .rerank import LearnedReranker, build_reranker, load_reranker, rerank_inputs, save_reranker
 
-
-# The thesis's two steps (3.3): FC1 alone on its L2-normalised output with K = 255 for 10 epochs, then FC1
-# frozen and the GNN trained with K = 319, L = 127 for 5; Adam, lr 1e-4 x 0.9 per epoch, batch 32. `bins` is
-# not given in the thesis. `vpr-train --config` overrides any of these.
-THESIS_SCHEDULE = {
-    "lr": 1e-4, "lr_decay": 0.9, "batch_size": 32, "bins": 20, "seed": 0,
-    "min_overlap": 1 / 3,          # a candidate is relevant when its FoV overlap with the query exceeds this
-    "fc": {"epochs": 10, "K": 255},
-    "gnn": {"epochs": 5, "K": 319, "model": {"L": 127, "layers": 1, "positional": True}},
-}
+STEPS = ("fc", "gnn")
 
 
 def quantized_ap(scores: torch.Tensor, relevant: torch.Tensor, bins: int = 20) -> torch.Tensor:
@@ -47,19 +38,27 @@ def quantized_ap(scores: torch.Tensor, relevant: torch.Tensor, bins: int = 20) -
     return (precision * hits).sum(1) / labels.sum(1)
 
 
+def ap_loss(scores: torch.Tensor, relevant: torch.Tensor, bins: int = 20) -> torch.Tensor:
+    """1 - AP_Q averaged over the rows that have a relevant candidate; rows without one are masked out (their
+    AP is 0/0), so they can neither poison the loss with NaN nor count as solved."""
+    has_relevant = relevant.any(1)
+    if not has_relevant.any():
+        raise ValueError("no row of the batch has a relevant candidate")
+    return 1.0 - quantized_ap(scores[has_relevant], relevant[has_relevant], bins).mean()
+
+
 @dataclass
 class CandidateSet:
     """One city's queries for training or validation: retrieval on its map, and which candidates are
     relevant (FoV overlap with the query above a threshold, the thesis's training label)."""
 
     bundle: MapBundle
-    run: RetrievalRun          # query descriptors, top-K map ids, 25 m positives for mAP
+    run: RetrievalRun          # query descriptors and true poses, top-K map ids, 25 m positives for mAP
     relevant: np.ndarray       # (Q, K) bool
 
-    @property
-    def trainable(self) -> np.ndarray:
-        """Query rows with at least one relevant candidate (the others have no AP to learn from)."""
-        return np.flatnonzero(self.relevant.any(1))
+    def trainable(self, k: int) -> np.ndarray:
+        """Query rows with a relevant candidate among their first `k` (the others have no AP to learn from)."""
+        return np.flatnonzero(self.relevant[:, :k].any(1))
 
 
 def candidate_set(bundle: MapBundle, query: MslsSide, k: int, descriptors: np.ndarray | None = None,
@@ -71,26 +70,22 @@ def candidate_set(bundle: MapBundle, query: MslsSide, k: int, descriptors: np.nd
     run = evaluate_queries(bundle, model, query, k=k, descriptors=descriptors, device=device)
     if (run.result.ids < 0).any():
         raise ValueError(f"{query.city}: the map {bundle.root} has fewer than K = {k} images to retrieve")
-    q = run.query
-    zone = bundle.table.zone
-    east, north, _ = latlon_to_utm(q.lat, q.lon, zone)
-    heading = np.mod(q.heading - meridian_convergence_deg(q.lat, q.lon, zone), 360.0)
-    query_poses = np.stack([east, north, heading], axis=1)
     graph = bundle.overlap
-    overlap = fov_overlap(query_poses[:, None], bundle.table.poses[run.result.ids], graph.radius, graph.fov_deg)
+    overlap = fov_overlap(run.query_poses[:, None], bundle.table.poses[run.result.ids], graph.radius, graph.fov_deg)
     return CandidateSet(bundle, run, overlap > min_overlap)
 
 
 @dataclass(frozen=True)
 class TrainSettings:
-    """One training step: `epochs` passes over the training queries, their top `K` candidates each."""
+    """One training step: `epochs` passes over the training queries, their top `K` candidates each; Adam with
+    the learning rate multiplied by `lr_decay` after every epoch; loss 1 - AP_Q over `bins` bins."""
 
     epochs: int
     K: int
     lr: float = 1e-4
-    lr_decay: float = 0.9          # learning rate multiplied by this after every epoch
+    lr_decay: float = 0.9
     batch_size: int = 32
-    bins: int = 20
+    bins: int = 20             # not given in the thesis: our choice
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -98,39 +93,85 @@ class TrainSettings:
             raise ValueError(f"need epochs >= 1, K >= 2, batch_size >= 1, lr > 0, 0 < lr_decay <= 1: {self}")
 
 
+SHARED_SETTINGS = ("lr", "lr_decay", "batch_size", "bins", "seed")   # schedule keys that apply to both steps
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The thesis's two steps (3.3): FC1 alone with K = 255 for 10 epochs, then the GNN with FC1 frozen,
+    K = 319, L = 127 for 5; both with TrainSettings' defaults. `gnn_model` holds the GNN's GnnConfig fields."""
+
+    fc: TrainSettings = TrainSettings(epochs=10, K=255)
+    gnn: TrainSettings = TrainSettings(epochs=5, K=319)
+    gnn_model: dict = field(default_factory=lambda: {"L": 127, "layers": 1, "positional": True})
+    min_overlap: float = 1 / 3   # a candidate is relevant when its FoV overlap with the query exceeds this
+
+    @classmethod
+    def from_overrides(cls, overrides: dict | None) -> "Schedule":
+        """The default schedule with YAML-style overrides: {lr, lr_decay, batch_size, bins, seed (both steps),
+        min_overlap, fc: {epochs, K, ...}, gnn: {epochs, K, ..., model: {GnnConfig fields}}}. Unknown keys are
+        refused by name."""
+        overrides = dict(overrides or {})
+        default = cls()
+        known = {*SHARED_SETTINGS, "min_overlap", *STEPS}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise ValueError(f"unknown schedule keys {unknown}; known: {sorted(known)}")
+        shared = {k: overrides[k] for k in SHARED_SETTINGS if k in overrides}
+        steps = {}
+        for step in STEPS:
+            section = dict(overrides.get(step) or {})
+            model = section.pop("model", None) if step == "gnn" else None
+            allowed = {f.name for f in fields(TrainSettings)}
+            bad = sorted(set(section) - allowed)
+            if bad:
+                raise ValueError(f"unknown schedule keys {bad} in {step}; known: {sorted(allowed)} "
+                                 f"{'and model' if step == 'gnn' else ''}".strip())
+            steps[step] = replace(getattr(default, step), **shared, **section)
+            if model is not None:
+                steps["gnn_model"] = {**default.gnn_model, **model}
+        return replace(default, **steps, min_overlap=overrides.get("min_overlap", default.min_overlap))
+
+
 def _batch(data: CandidateSet, rows: np.ndarray, K: int, model: LearnedReranker, device: str):
-    """Tensors for `rows` of a candidate set: query, candidates, poses, overlaps, labels. No map ids: the
+    """The re-ranker's inputs and the relevance labels for `rows` of a candidate set. Without map ids: the
     model's FC1 cache belongs to whichever map it was last attached to, not necessarily this city's."""
-    bundle, ids = data.bundle, data.run.result.ids[rows, :K]
-    query = torch.from_numpy(np.ascontiguousarray(data.run.descriptors[rows], np.float32)).to(device)
-    candidates = torch.from_numpy(np.asarray(bundle.descriptors[ids.reshape(-1)], np.float32))
-    poses = overlaps = None
-    if model.uses_geometry:
-        poses = torch.from_numpy(bundle.table.poses[ids]).to(device)
-        overlaps = torch.from_numpy(np.stack([bundle.overlap.lookup(r, r) for r in ids])).to(device)
-    labels = torch.from_numpy(data.relevant[rows, :K]).to(device)
-    return query, candidates.reshape(*ids.shape, -1).to(device), poses, overlaps, labels
+    run = data.run
+    inputs = rerank_inputs(data.bundle, run.descriptors[rows], run.result.ids[rows, :K], run.query_poses[rows, 2],
+                           geometry=model.uses_geometry, device=device)
+    return replace(inputs, ids=None), torch.from_numpy(data.relevant[rows, :K]).to(device)
 
 
 def validation_map10(model: LearnedReranker, sets: list[CandidateSet], K: int, device: str) -> float:
     """mAP@10 over the queries of `sets` (each weighted by its query count) after re-ranking the top K."""
     total = weight = 0.0
     for data in sets:
-        result = data.run.result
-        run = replace(data.run, result=replace(result, ids=result.ids[:, :K], scores=result.scores[:, :K]))
-        _, metrics = rerank_run(data.bundle, run, model.eval(), device=device)
-        total += metrics["map@10"] * metrics["queries"]
-        weight += metrics["queries"]
-    return total / weight if weight else float("nan")
+        _, metrics = rerank_run(data.bundle, data.run.first(K), model.eval(), device=device)
+        if metrics["queries"]:
+            total += metrics["map@10"] * metrics["queries"]
+            weight += metrics["queries"]
+    if not weight:
+        raise ValueError("no validation query has a positive among its candidates: validation cannot score "
+                         "the model (check the validation cities' maps and K)")
+    return total / weight
+
+
+def _check_finite(model: LearnedReranker, loss: torch.Tensor, epoch: int, batch: int) -> None:
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"epoch {epoch}, batch {batch}: the loss is {loss.item()}")
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad and not torch.isfinite(parameter).all():
+            raise FloatingPointError(f"epoch {epoch}, batch {batch}: parameter {name} is not finite")
 
 
 def train(model: LearnedReranker, train_sets: list[CandidateSet], val_sets: list[CandidateSet],
           settings: TrainSettings, out: str | Path, device: str = "cpu",
           log: Callable[[str], None] = print) -> Path:
-    """Train the parameters of `model` that require gradients with Adam and the quantized-AP loss
-    (1 - AP_Q, averaged over the batch's queries); after every epoch write `epoch_NN.safetensors` and score
-    it on `val_sets` (mAP@10); copy the best epoch to `best.safetensors` and return its path. A `log.csv`
-    records loss, learning rate, validation mAP@10 and time per epoch."""
+    """Train the parameters of `model` that require gradients with Adam and `ap_loss`; score the initial model
+    and every epoch on `val_sets` (mAP@10), writing `epoch_NN.safetensors`; copy the best epoch to
+    `best.safetensors` and return its path. `log.csv` records loss, learning rate, validation mAP@10 and
+    time per epoch (epoch 0: the initial model). A non-finite loss or parameter stops training with an error
+    naming the epoch and batch."""
     if not train_sets or not val_sets:
         raise ValueError("training needs at least one training and one validation candidate set")
     out = Path(out)
@@ -142,35 +183,40 @@ def train(model: LearnedReranker, train_sets: list[CandidateSet], val_sets: list
         if data.run.result.ids.shape[1] < settings.K:
             raise ValueError(f"candidate sets hold {data.run.result.ids.shape[1]} candidates, the step needs K = "
                              f"{settings.K}")
+    if not any(len(data.trainable(settings.K)) for data in train_sets):
+        raise ValueError(f"no training query has a relevant candidate among its top K = {settings.K}")
     model.to(device)
     optimiser = torch.optim.Adam(parameters, lr=settings.lr)
     schedule = torch.optim.lr_scheduler.ExponentialLR(optimiser, gamma=settings.lr_decay)
     rng = np.random.default_rng(settings.seed)
     torch.manual_seed(settings.seed)
-    best, best_map, rows_log = None, -1.0, []
+    initial = validation_map10(model, val_sets, settings.K, device)
+    rows_log = [{"epoch": 0, "loss": float("nan"), "lr": float("nan"), "val_map@10": initial, "seconds": 0.0}]
+    log(f"epoch 0/{settings.epochs} (initial model): val mAP@10 {100 * initial:.2f}")
+    best, best_map = None, -1.0
     for epoch in range(1, settings.epochs + 1):
         start, losses = time.monotonic(), []
         model.train()
         batches = [(i, chunk) for i, data in enumerate(train_sets)
-                   for chunk in np.array_split(rng.permutation(data.trainable),
-                                               max(1, -(-len(data.trainable) // settings.batch_size)))
+                   for chunk in np.array_split(rng.permutation(data.trainable(settings.K)),
+                                               max(1, -(-len(data.trainable(settings.K)) // settings.batch_size)))
                    if len(chunk)]
-        for i in rng.permutation(len(batches)):
+        for number, i in enumerate(rng.permutation(len(batches)), start=1):
             index, rows = batches[i]
-            query, candidates, poses, overlaps, labels = _batch(train_sets[index], np.sort(rows), settings.K,
-                                                                model, device)
-            scores = model(query, candidates, poses, overlaps)
-            loss = 1.0 - quantized_ap(scores, labels, settings.bins).mean()
+            inputs, labels = _batch(train_sets[index], np.sort(rows), settings.K, model, device)
+            loss = ap_loss(model(inputs), labels, settings.bins)
+            _check_finite(model, loss, epoch, number)
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()
+            _check_finite(model, loss, epoch, number)
             losses.append(loss.item())
         lr = optimiser.param_groups[0]["lr"]
         schedule.step()
         path = save_reranker(model, out / f"epoch_{epoch:02d}.safetensors")
         score = validation_map10(model, val_sets, settings.K, device)
-        row = {"epoch": epoch, "loss": float(np.mean(losses)) if losses else float("nan"), "lr": lr,
-               "val_map@10": score, "seconds": time.monotonic() - start}
+        row = {"epoch": epoch, "loss": float(np.mean(losses)), "lr": lr, "val_map@10": score,
+               "seconds": time.monotonic() - start}
         rows_log.append(row)
         log(f"epoch {epoch}/{settings.epochs}: loss {row['loss']:.4f}, lr {lr:.3g}, val mAP@10 {100 * score:.2f}, "
             f"{row['seconds']:.0f} s")
@@ -182,5 +228,67 @@ def train(model: LearnedReranker, train_sets: list[CandidateSet], val_sets: list
         writer.writerows(rows_log)
     for suffix in (".safetensors", ".json"):
         shutil.copyfile(best.with_suffix(suffix), out / f"best{suffix}")
-    log(f"best: {best.name} (val mAP@10 {100 * best_map:.2f}) -> {out / 'best.safetensors'}")
+    log(f"best: {best.name} (val mAP@10 {100 * best_map:.2f}, initial {100 * initial:.2f}) -> "
+        f"{out / 'best.safetensors'}")
     return out / "best.safetensors"
+
+
+def load_candidate_sets(msls_root: str | Path, cities: Sequence[tuple[str, str | Path]], k: int,
+                        min_overlap: float = 1 / 3, model_weights: str | Path | None = None,
+                        descriptor_file: str | Path | None = None, device: str | None = None,
+                        log: Callable[[str], None] = print) -> list[CandidateSet]:
+    """A candidate set per (city, map directory): the city's queries described with the map's model (or
+    `model_weights`, or read from `descriptor_file`), their top `k` candidates, FoV labels."""
+    from .descriptors.extract import read_descriptors
+    from .mapbuild import map_model
+
+    sets = []
+    for city, path in cities:
+        bundle = MapBundle.load(path)
+        query = load_side(msls_root, city, "query")
+        descriptors = model = None
+        if descriptor_file is not None:
+            descriptors, identity = read_descriptors(descriptor_file, list(query.keys))
+            bundle.check_descriptors(descriptors, identity, str(descriptor_file))
+        else:
+            model = map_model(bundle, model_weights)
+        data = candidate_set(bundle, query, k, descriptors, model, min_overlap, device)
+        log(f"{city}: {len(data.run.query)} queries, {len(data.trainable(k))} with a relevant candidate among the "
+            f"top {k}")
+        sets.append(data)
+    return sets
+
+
+def train_schedule(train_sets: list[CandidateSet], val_sets: list[CandidateSet], schedule: Schedule,
+                   out: str | Path, steps: Sequence[str] = STEPS, fc_weights: str | Path | None = None,
+                   device: str = "cpu", log: Callable[[str], None] = print) -> dict[str, Path]:
+    """The two steps into `out/fc` and `out/gnn`: FC1 alone (the `fc` re-ranker), then the GNN with that FC1
+    copied in and frozen (from `fc_weights` when step 1 is not run). All maps must share one descriptor model
+    (a re-ranker learns one descriptor space). Returns each step's best checkpoint."""
+    steps = tuple(steps)
+    if steps not in (("fc",), ("gnn",), STEPS):
+        raise ValueError(f"steps must be fc, gnn or fc,gnn, got {','.join(steps)}")
+    if steps == ("gnn",) and fc_weights is None:
+        raise ValueError("the gnn step alone needs the FC1 weights of step 1 (fc_weights)")
+    if len({data.bundle.meta.descriptor.identity or data.bundle.dim for data in train_sets + val_sets}) > 1:
+        raise ValueError("the maps were built with different descriptor models: build them all with the same "
+                         "--model (a re-ranker learns one descriptor space)")
+    out, dim, best = Path(out), train_sets[0].bundle.dim, {}
+    gnn_params = {"dim": dim, "K": schedule.gnn.K, **schedule.gnn_model}
+    if "fc" in steps:
+        torch.manual_seed(schedule.fc.seed)                       # reproducible initial weights
+        fc = build_reranker("fc", dim=dim, hidden=gnn_params.get("hidden", 512))
+        best["fc"] = fc_weights = train(fc, train_sets, val_sets, schedule.fc, out / "fc", device, log)
+    if "gnn" in steps:
+        fc = load_reranker(fc_weights)
+        torch.manual_seed(schedule.gnn.seed)
+        gnn = build_reranker("gnn", **gnn_params)
+        gnn.fc1.load_state_dict(fc.fc1.state_dict())
+        gnn.fc1.requires_grad_(False)
+        best["gnn"] = train(gnn, train_sets, val_sets, schedule.gnn, out / "gnn", device, log)
+    return best
+
+
+def required_k(schedule: Schedule, steps: Sequence[str] = STEPS) -> int:
+    """Candidates to retrieve per query so that every step of `steps` has its K."""
+    return max(getattr(schedule, step).K for step in steps)

@@ -5,66 +5,70 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .base import Reranker, cosine, register
+from .base import Reranker, check_at_least, cosine
+from .inputs import RerankInputs
 
 
-def _check_positive(name: str, value, minimum=1):
-    if not value >= minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-
-
-@register("none")
 class NoRerank(Reranker):
     """The initial similarities (the retrieval order, up to exact ties)."""
 
-    def score(self, query, candidates, poses, overlaps, query_heading, ids):
+    name = "none"
+
+    def score(self, inputs: RerankInputs) -> torch.Tensor:
+        query, candidates = inputs.query, inputs.candidates
         return torch.einsum("bd,bkd->bk", query, candidates)
 
 
-@register("aqe")
 class AverageQueryExpansion(Reranker):
     """New query = mean of the query and its top-k candidates; candidates re-scored against it."""
 
+    name = "aqe"
+
     def __init__(self, k: int = 1) -> None:
         super().__init__()
-        _check_positive("k", k)
+        check_at_least("k", k)
         self.k = int(k)
 
-    def score(self, query, candidates, poses, overlaps, query_heading, ids):
+    def score(self, inputs: RerankInputs) -> torch.Tensor:
+        query, candidates = inputs.query, inputs.candidates
         expanded = (query + candidates[:, :self.k].sum(1)) / (1 + min(self.k, candidates.shape[1]))
         return torch.einsum("bd,bkd->bk", F.normalize(expanded, dim=1), candidates)
 
 
-@register("alpha_qe")
 class AlphaQueryExpansion(Reranker):
     """New query = query + top-k candidates weighted by similarity^alpha (negative similarities count 0)."""
 
+    name = "alpha_qe"
+
     def __init__(self, k: int = 1, alpha: float = 1.0) -> None:
         super().__init__()
-        _check_positive("k", k)
-        _check_positive("alpha", alpha, 0)
+        check_at_least("k", k)
+        check_at_least("alpha", alpha, 0)
         self.k, self.alpha = int(k), float(alpha)
 
-    def score(self, query, candidates, poses, overlaps, query_heading, ids):
+    def score(self, inputs: RerankInputs) -> torch.Tensor:
+        query, candidates = inputs.query, inputs.candidates
         top = candidates[:, :self.k]
         weights = torch.einsum("bd,bkd->bk", query, top).clamp_min(0) ** self.alpha
         expanded = query + torch.einsum("bk,bkd->bd", weights, top)
         return torch.einsum("bd,bkd->bk", F.normalize(expanded, dim=1), candidates)
 
 
-@register("superglobal")
 class SuperGlobal(Reranker):
     """SuperGlobal re-ranking (Shao et al. 2023) among the candidates: each candidate becomes the weighted mean
     of itself (weight 1) and its P nearest candidates (weight beta x similarity); the refined query is the
     element-wise max of the P + 1 best refined candidates; score = mean of s(q, c~) and s(q~, c~)."""
 
+    name = "superglobal"
+
     def __init__(self, P: int = 1, beta: float = 0.15) -> None:
         super().__init__()
-        _check_positive("P", P)
-        _check_positive("beta", beta, 0)
+        check_at_least("P", P)
+        check_at_least("beta", beta, 0)
         self.P, self.beta = int(P), float(beta)
 
-    def score(self, query, candidates, poses, overlaps, query_heading, ids):
+    def score(self, inputs: RerankInputs) -> torch.Tensor:
+        query, candidates = inputs.query, inputs.candidates
         n = min(self.P + 1, candidates.shape[1])
         sim = cosine(candidates, candidates)                                  # (B, K, K)
         values, index = sim.topk(n, dim=2)                                    # self first

@@ -1,4 +1,4 @@
-"""Learned re-rankers (thesis chapter 3, method.md §4): the GNN over affinity features [gnn], the FC-only
+"""Learned re-rankers (thesis chapter 3, docs/reranking.md): the GNN over affinity features [gnn], the FC-only
 model [fc] and the CSA ablation [csa]; weights as safetensors + JSON config.
 
 GNN: FC1 (D -> 512) + L2; node i's features are its visual affinities to the anchors r_0..r_L (query and
@@ -10,7 +10,7 @@ suggested extension; 0.5 when the query heading is unknown).
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +20,8 @@ from torch import nn
 
 from ..checkpoint import dataclass_from, read_config, read_tensors, write_checkpoint
 from ..geo import FOV_ANGLE_DEG, FOV_RADIUS_M, fov_overlap
-from .base import Reranker, cosine, register
+from .base import Reranker, cosine
+from .inputs import RerankInputs
 
 VARIANTS = ("gnn", "fc", "csa")
 
@@ -128,7 +129,10 @@ class LearnedReranker(Reranker):
 
     def __init__(self, weights: str | Path | None = None, **params) -> None:
         super().__init__()
-        params.setdefault("variant", self.variant)
+        unknown = sorted(set(params) - set(self.parameters_with_defaults()))
+        if unknown:
+            raise ValueError(f"the {self.variant} model has no parameter {unknown[0]!r}")
+        params["variant"] = self.variant
         if weights is not None:
             stored = load_reranker_config(weights)
             clash = {k: (v, getattr(stored, k)) for k, v in params.items() if getattr(stored, k) != v}
@@ -164,6 +168,17 @@ class LearnedReranker(Reranker):
                                  f"unexpected {unexpected[:5]}")
         self.eval()
 
+    @classmethod
+    def parameters_with_defaults(cls) -> dict:
+        """`weights` and every GnnConfig field but the variant (a stored config must agree with those given)."""
+        return {"weights": None, **{f.name: f.default for f in fields(GnnConfig) if f.name != "variant"}}
+
+    def untrained_warning(self) -> str | None:
+        if self.trained:
+            return None
+        return (f"re-ranker {self.name} has NO TRAINED WEIGHTS (give weights=PATH of a checkpoint): its ranking is "
+                "that of a randomly initialised network")
+
     def embed(self, descriptors: torch.Tensor) -> torch.Tensor:
         """FC1 + L2 (identity + L2 for csa)."""
         return F.normalize(self.fc1(descriptors) if self.fc1 is not None else descriptors, dim=-1)
@@ -189,12 +204,13 @@ class LearnedReranker(Reranker):
             return torch.cat([self.embed(query).unsqueeze(1), self.map_embeddings[ids].to(query.dtype)], dim=1)
         return self.embed(torch.cat([query.unsqueeze(1), candidates], dim=1))
 
-    def node_features(self, query, candidates, poses, overlaps, query_heading, ids=None) -> torch.Tensor:
+    def node_features(self, inputs: RerankInputs) -> torch.Tensor:
         """(B, K+1, node_features) affinity features of the query (row 0) and the candidates."""
         c = self.config
+        candidates, poses, overlaps = inputs.candidates, inputs.poses, inputs.overlaps
         if candidates.shape[1] < c.L:
             raise ValueError(f"the {c.variant} model needs at least L = {c.L} candidates, got {candidates.shape[1]}")
-        nodes = self.embed_nodes(query, candidates, ids)
+        nodes = self.embed_nodes(inputs.query, candidates, inputs.ids)
         parts = [cosine(nodes, nodes[:, :c.L + 1])]                                    # visual affinity
         if c.positional:
             if overlaps is None and poses is None:
@@ -206,7 +222,7 @@ class LearnedReranker(Reranker):
                                   c.fov_radius, c.fov_deg).to(nodes.dtype)
             parts.append(torch.cat([torch.zeros_like(pos[:, :1]), pos], dim=1))         # the query has none
         if c.heading:
-            parts.append(self._heading_affinity(query_heading, poses, nodes))
+            parts.append(self._heading_affinity(inputs.query_heading, poses, nodes))
         return torch.cat(parts, dim=2)
 
     def _heading_affinity(self, query_heading, poses, nodes) -> torch.Tensor:
@@ -219,9 +235,9 @@ class LearnedReranker(Reranker):
         known = torch.where(torch.isnan(heading), torch.full_like(heading, 0.5), torch.ones_like(heading))
         return torch.cat([known, affinity], dim=1).unsqueeze(-1).to(nodes.dtype)
 
-    def refine(self, query, candidates, poses=None, overlaps=None, query_heading=None, ids=None) -> torch.Tensor:
+    def refine(self, inputs: RerankInputs) -> torch.Tensor:
         """(B, K+1, width) L2-normalised refined node descriptors (row 0 = query)."""
-        features = self.input_dropout(self.node_features(query, candidates, poses, overlaps, query_heading, ids))
+        features = self.input_dropout(self.node_features(inputs))
         # Inference shortcuts: FC2 is folded into the first layer's q/k/v projection, and a single graph (the
         # localizer's case) runs channel-major (see channel_linear; batches run faster node-major).
         inference = not self.training and not torch.is_grad_enabled()
@@ -255,28 +271,25 @@ class LearnedReranker(Reranker):
             raise ValueError(f"the {self.config.variant} model expects {self.config.dim}-D descriptors (its `dim`), "
                              f"got {dim}-D")
 
-    def score(self, query, candidates, poses, overlaps, query_heading, ids):
-        self._check_dim(query.shape[1])
+    def score(self, inputs: RerankInputs) -> torch.Tensor:
+        self._check_dim(inputs.query.shape[1])
         if self.config.variant == "fc":
-            nodes = self.embed_nodes(query, candidates, ids)
+            nodes = self.embed_nodes(inputs.query, inputs.candidates, inputs.ids)
             return torch.einsum("bd,bkd->bk", nodes[:, 0], nodes[:, 1:])
-        refined = self.refine(query, candidates, poses, overlaps, query_heading, ids)
+        refined = self.refine(inputs)
         return torch.einsum("bd,bkd->bk", refined[:, 0], refined[:, 1:])
 
 
-@register("gnn")
 class GnnReranker(LearnedReranker):
-    variant = "gnn"
+    name = variant = "gnn"
 
 
-@register("fc")
 class FcReranker(LearnedReranker):
-    variant = "fc"
+    name = variant = "fc"
 
 
-@register("csa")
 class CsaReranker(LearnedReranker):
-    variant = "csa"
+    name = variant = "csa"
 
 
 RERANKER_FORMAT = "vpr_rerank_ros.reranker"
@@ -293,9 +306,8 @@ def load_reranker_config(path: str | Path) -> GnnConfig:
 
 def load_reranker(path: str | Path) -> LearnedReranker:
     """A learned re-ranker from its checkpoint, whatever its variant."""
-    from .base import REGISTRY
-
-    return REGISTRY[load_reranker_config(path).variant](weights=path)
+    classes = {cls.variant: cls for cls in (GnnReranker, FcReranker, CsaReranker)}
+    return classes[load_reranker_config(path).variant](weights=path)
 
 
 def parameter_count(module: nn.Module) -> int:

@@ -6,7 +6,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .base import Reranker, register
+from .base import Reranker
+from .inputs import RerankInputs
 
 
 def _graph(query: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
@@ -20,10 +21,11 @@ def _top_mask(order: torch.Tensor, k: int) -> torch.Tensor:
     return mask.scatter_(2, order[..., :k], True)
 
 
-@register("k_reciprocal")
 class KReciprocal(Reranker):
     """k-reciprocal re-ranking: Jaccard distance of expanded k-reciprocal neighbour encodings blended with the
     original (squared Euclidean, row-normalised) distance; higher score = smaller final distance."""
+
+    name = "k_reciprocal"
 
     def __init__(self, k1: int = 20, k2: int = 6, lambda_value: float = 0.3) -> None:
         super().__init__()
@@ -31,7 +33,8 @@ class KReciprocal(Reranker):
             raise ValueError(f"need k1 >= 1, k2 >= 1 and 0 <= lambda_value <= 1, got {k1}, {k2}, {lambda_value}")
         self.k1, self.k2, self.lambda_value = int(k1), int(k2), float(lambda_value)
 
-    def score(self, query, candidates, poses, overlaps, query_heading, ids):
+    def score(self, inputs: RerankInputs) -> torch.Tensor:
+        query, candidates = inputs.query, inputs.candidates
         dtype = query.dtype
         x = _graph(query, candidates).float()
         n = x.shape[1]
@@ -57,11 +60,12 @@ class KReciprocal(Reranker):
         return (-final[:, 1:]).to(dtype)
 
 
-@register("gnn_knn")
 class GnnKnn(Reranker):
     """Zhang et al.'s training-free GNN: node features = rows of the symmetrised top-k1 adjacency A* = (A + A^T)/2;
     each layer adds the top-k2 neighbours' features weighted by similarity^alpha (sum), then L2-normalises;
     candidates are scored by cosine similarity to the query node."""
+
+    name = "gnn_knn"
 
     def __init__(self, k1: int = 20, k2: int = 6, alpha: float = 2.0, layers: int = 2) -> None:
         super().__init__()
@@ -69,7 +73,8 @@ class GnnKnn(Reranker):
             raise ValueError(f"need k1, k2, layers >= 1, got {k1}, {k2}, {layers}")
         self.k1, self.k2, self.alpha, self.layers = int(k1), int(k2), float(alpha), int(layers)
 
-    def score(self, query, candidates, poses, overlaps, query_heading, ids):
+    def score(self, inputs: RerankInputs) -> torch.Tensor:
+        query, candidates = inputs.query, inputs.candidates
         dtype = query.dtype
         x = _graph(query, candidates).float()
         n = x.shape[1]
