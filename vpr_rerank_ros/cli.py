@@ -9,14 +9,17 @@ import sys
 from typing import Callable
 
 from .mapdb import FILES, MapBundle
+from .localizer import LocalizerSettings
 from .rerank import COMPARED, reranker_label
+
+TOP_K = LocalizerSettings.top_k   # candidates retrieved and re-ranked per query, as the node's default
 
 # What a user's input can cause (a missing file, a bad value, a map that does not fit, a failed node or a
 # training that diverged): one line on stderr and exit code 1, never a traceback.
 USER_ERRORS = (OSError, ValueError, RuntimeError, ArithmeticError)
 
 
-def _reported(prog: str, action: Callable[[], int]) -> int:
+def report_user_errors(prog: str, action: Callable[[], int]) -> int:
     """`action()`'s exit code, or 1 after printing a user error as `prog: message`."""
     try:
         return action()
@@ -59,7 +62,7 @@ def map_main(argv: list[str] | None = None) -> int:
     _model_options(query, "descriptor weights; default: the model stored in the map")
     args = parser.parse_args(argv)
     commands = {"build": _map_build, "query": _map_query, "info": _map_info, "verify": _map_info}
-    return _reported("vpr-map", lambda: commands[args.command](args))
+    return report_user_errors("vpr-map", lambda: commands[args.command](args))
 
 
 def _map_info(args) -> int:
@@ -138,7 +141,8 @@ def _map_query(args) -> int:
 
 
 def weights_main(argv: list[str] | None = None) -> int:
-    """`vpr-weights convert IN OUT` turns .mat / pytorch-NetVlad weights into safetensors + JSON; `info` describes weights."""
+    """`vpr-weights convert IN OUT` turns .mat / pytorch-NetVlad weights into safetensors + JSON; `info` describes
+    weights."""
     from .descriptors.loaders import convert, load_model
 
     parser = argparse.ArgumentParser(prog="vpr-weights", description="Convert and inspect descriptor weights.")
@@ -156,10 +160,10 @@ def weights_main(argv: list[str] | None = None) -> int:
                           "identity": model.identity}, indent=2, sort_keys=True))
         return 0
 
-    return _reported("vpr-weights", run)
+    return report_user_errors("vpr-weights", run)
 
 
-def _size(text: str) -> tuple[int, int]:
+def size_argument(text: str) -> tuple[int, int]:
     try:
         w, h = (int(v) for v in text.lower().split("x"))
     except ValueError:
@@ -173,8 +177,9 @@ def synth_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="MSLS root directory to write (train_val/<city>/...)")
     parser.add_argument("--cities", type=int, default=3, help="number of towns (default 3)")
     parser.add_argument("--seed", type=int, default=0, help="the same seed gives byte-identical output")
-    parser.add_argument("--size", type=_size, default=(640, 480), help="image size WIDTHxHEIGHT (default 640x480)")
-    parser.add_argument("--blocks", type=_size, default=(5, 4), help="town size in blocks, XxY (default 5x4)")
+    parser.add_argument("--size", type=size_argument, default=(640, 480),
+                        help="image size WIDTHxHEIGHT (default 640x480)")
+    parser.add_argument("--blocks", type=size_argument, default=(5, 4), help="town size in blocks, XxY (default 5x4)")
     parser.add_argument("--spacing", type=float, default=4.0, help="metres between frames (default 4)")
     parser.add_argument("--query-sequences", type=int, default=12, help="query drives per city (default 12)")
     parser.add_argument("--query-frames", type=int, default=30, help="frames per query drive (default 30)")
@@ -192,7 +197,7 @@ def synth_main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not (args.out or args.bag or args.contact_sheet):
         parser.error("give at least one of --out, --bag and --contact-sheet")
-    return _reported("vpr-synth", lambda: _synth(args))
+    return report_user_errors("vpr-synth", lambda: _synth(args))
 
 
 def _synth(args) -> int:
@@ -245,7 +250,8 @@ def eval_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--descriptors", help="HDF5 of precomputed query descriptors keyed by image key (datasets "
                                               "keys, descriptors) instead of describing the query images")
     parser.add_argument("--subtask", default="all", help="MSLS subtask of the queries (default all)")
-    parser.add_argument("-K", "--top-k", type=int, default=100, help="candidates re-ranked per query (default 100)")
+    parser.add_argument("-K", "--top-k", type=int, default=TOP_K,
+                        help=f"candidates re-ranked per query (default {TOP_K})")
     parser.add_argument("--reranker", action="append", type=_reranker_spec, default=[],
                         help="NAME or NAME:key=value,... (repeatable), e.g. superglobal:P=1,beta=0.6; default: "
                              + ", ".join(reranker_label(n, p) for n, p in COMPARED))
@@ -254,7 +260,7 @@ def eval_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="folder for results.csv, results.md and one prediction file per re-ranker")
     parser.add_argument("--device", default="cpu", help="device for re-ranking (default cpu)")
     args = parser.parse_args(argv)
-    return _reported("vpr-eval", lambda: _evaluate(args))
+    return report_user_errors("vpr-eval", lambda: _evaluate(args))
 
 
 def _evaluate(args) -> int:
@@ -299,7 +305,7 @@ def replay_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--map", required=True, help="map directory")
     parser.add_argument("--model", help="descriptor weights; default: the model stored in the map")
     parser.add_argument("--reranker", type=_reranker_spec, default=("none", {}), help="NAME or NAME:key=value,...")
-    parser.add_argument("--top-k", type=int, default=100, help="candidates re-ranked per frame (default 100)")
+    parser.add_argument("--top-k", type=int, default=TOP_K, help=f"candidates re-ranked per frame (default {TOP_K})")
     parser.add_argument("--no-gps", action="store_true", help="ignore the bag's GPS fixes")
     parser.add_argument("--device", default="auto", help="cuda, cpu or auto (default)")
     parser.add_argument("--csv", help="write one row per frame (estimate, truth, error)")
@@ -317,7 +323,7 @@ def replay_main(argv: list[str] | None = None) -> int:
     live_only = (args.rate, args.frame_timeout, args.node_params, args.wait_for_node or None)
     if not args.live and any(v is not None for v in live_only):
         parser.error("--rate, --wait-for-node, --frame-timeout and --node-params need --live")
-    return _reported("vpr-replay", lambda: _replay(args))
+    return report_user_errors("vpr-replay", lambda: _replay(args))
 
 
 def _replay(args) -> int:
@@ -393,13 +399,15 @@ def train_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--descriptors", help="HDF5 of precomputed query descriptors of all cities (keys, "
                                               "descriptors) instead of describing the query images")
     parser.add_argument("--device", default="auto", help="cuda, cpu or auto (default)")
+    parser.add_argument("--allow-worse", action="store_true",
+                        help="keep a best epoch even when it scores below the retrieval order on validation")
     args = parser.parse_args(argv)
     steps = tuple(args.steps.split(","))
     if steps not in (("fc",), ("gnn",), ("fc", "gnn")):
         parser.error(f"--steps must be fc, gnn or fc,gnn, got {args.steps!r}")
     if steps == ("gnn",) and not args.fc_weights:
         parser.error("--steps gnn needs --fc-weights (the FC1 trained in step 1)")
-    return _reported("vpr-train", lambda: _train(args, steps))
+    return report_user_errors("vpr-train", lambda: _train(args, steps))
 
 
 def _train(args, steps: tuple[str, ...]) -> int:
@@ -417,5 +425,6 @@ def _train(args, steps: tuple[str, ...]) -> int:
               "device": device}
     train_sets = load_candidate_sets(args.msls, args.train, k, **common)
     val_sets = load_candidate_sets(args.msls, args.val, k, **common)
-    train_schedule(train_sets, val_sets, schedule, args.out, steps, args.fc_weights, device)
+    train_schedule(train_sets, val_sets, schedule, args.out, steps, args.fc_weights, device,
+                   allow_worse=args.allow_worse)
     return 0

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .cli import report_user_errors, size_argument
 from .datasets import geotagged
 from .datasets.msls import load_city
 from .datasets.synth_town import BagConfig, SynthConfig, generate, plan_bag_drive, plan_city, write_bag
@@ -28,16 +29,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vpr-demo", description=__doc__.split("\n\n")[1].replace("\n", " "))
     parser.add_argument("--out", default="demo_output", help="working folder (default ./demo_output)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--blocks", default="4x3", help="town size in blocks (default 4x3)")
+    parser.add_argument("--blocks", type=size_argument, default=(4, 3), help="town size in blocks (default 4x3)")
     parser.add_argument("--workers", type=int, default=2, help="rendering processes (default 2)")
     parser.add_argument("--bag-length", type=float, default=200.0, help="metres of the replayed drive (default 200)")
     parser.add_argument("--rate", type=float, default=2.0,
                         help="bag seconds per wall second of the live replay, at most (default 2)")
     args = parser.parse_args(argv)
+    return report_user_errors("vpr-demo", lambda: _demo(args))
+
+
+def _demo(args) -> int:
     out = Path(args.out)
-    bx, by = (int(v) for v in args.blocks.split("x"))
-    config = SynthConfig(town=TownConfig(blocks_x=bx, blocks_y=by), width=320, height=240, query_sequences=10,
-                         query_frames=20)
+    config = SynthConfig(town=TownConfig(blocks_x=args.blocks[0], blocks_y=args.blocks[1]), width=320, height=240,
+                         query_sequences=10, query_frames=20)
     timings = {}
 
     start = time.perf_counter()

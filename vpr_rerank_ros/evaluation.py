@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -138,8 +139,8 @@ def format_table(rows: list[Comparison]) -> str:
 
 
 def write_results(out: str | Path, rows: list[Comparison], bundle: MapBundle, run: RetrievalRun) -> Path:
-    """`results.csv` (fractions), `results.md` (percent) and `predictions_<name>.txt` (MSLS format, one line per
-    query: the query key and its ranked map keys) in `out`."""
+    """`results.csv` (fractions), `results.md` (percent) and `predictions_<label>.txt` (MSLS format, one line per
+    query: the query key and its ranked map keys; the label is the re-ranker and its parameters) in `out`."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "results.csv", "w", newline="") as f:
@@ -154,8 +155,10 @@ def write_results(out: str | Path, rows: list[Comparison], bundle: MapBundle, ru
         lines.append(f"| {row.name} {json.dumps(row.params) if row.params else ''} | " +
                      " | ".join(f"{100 * row.metrics.get(c, float('nan')):.2f}" for c in RESULT_COLUMNS) + " |")
     (out / "results.md").write_text("\n".join(lines) + "\n")
-    keys = bundle.table.keys
+    keys, slugs = bundle.table.keys, set()
     for row in rows:
-        slug = row.name.replace(" ", "_").replace("(", "").replace(")", "")
+        slug = re.sub(r"[^\w.=-]+", "_", row.label).strip("_")      # 'superglobal_P=1_beta=0.6'
+        slug = f"{slug}_{len(slugs)}" if slug in slugs else slug
+        slugs.add(slug)
         write_predictions(out / f"predictions_{slug}.txt", list(run.query.keys), [list(keys[r]) for r in row.ranked])
     return out

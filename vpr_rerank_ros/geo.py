@@ -1,7 +1,7 @@
 """Geodesy and field-of-view geometry.
 
 WGS84 <-> UTM and <-> a local ENU frame (pyproj), compass heading <-> REP-103 yaw, the field-of-view
-sector of a geotagged image and the positional affinity between two images (method.md §3): the area
+sector of a geotagged image and the positional affinity between two images (docs/reranking.md): the area
 of the intersection of their sectors divided by the area of one sector.
 """
 from __future__ import annotations

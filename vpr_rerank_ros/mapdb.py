@@ -464,7 +464,7 @@ def _gpu_available() -> bool:
 
 def dot_rows(rows: np.ndarray, vector: np.ndarray) -> np.ndarray:
     """rows @ vector without BLAS: a per-frame matrix-vector product is too small to gain from OpenBLAS's
-    threads, and their busy-waiting afterwards slowed the next frame's descriptor by half (2-core CPU)."""
+    threads, and their busy-waiting afterwards slows the next frame's descriptor (README, performance)."""
     return np.einsum("ij,j->i", rows, vector)
 
 

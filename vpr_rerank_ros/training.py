@@ -17,7 +17,9 @@ from .datasets.msls import MslsSide, load_side
 from .evaluation import RetrievalRun, evaluate_queries, rerank_run
 from .geo import fov_overlap
 from .mapdb import MapBundle
+from .metrics import retrieval_metrics
 from .rerank import LearnedReranker, build_reranker, load_reranker, rerank_inputs, save_reranker
+from .rerank.learned import count_summary
 
 STEPS = ("fc", "gnn")
 
@@ -156,6 +158,17 @@ def validation_map10(model: LearnedReranker, sets: list[CandidateSet], K: int, d
     return total / weight
 
 
+def retrieval_map10(sets: list[CandidateSet], K: int) -> float:
+    """mAP@10 of the retrieval order itself (no re-ranking) over the queries of `sets`, weighted as
+    `validation_map10`: the score a trained model has to beat."""
+    total = weight = 0.0
+    for data in sets:
+        metrics = retrieval_metrics(data.run.result.ids[:, :K], data.run.positives, ks=(10,))
+        total += metrics["map@10"] * metrics["queries"] if metrics["queries"] else 0.0
+        weight += metrics["queries"]
+    return total / weight if weight else float("nan")
+
+
 def _check_finite(model: LearnedReranker, loss: torch.Tensor, epoch: int, batch: int) -> None:
     if not torch.isfinite(loss):
         raise FloatingPointError(f"epoch {epoch}, batch {batch}: the loss is {loss.item()}")
@@ -166,12 +179,13 @@ def _check_finite(model: LearnedReranker, loss: torch.Tensor, epoch: int, batch:
 
 def train(model: LearnedReranker, train_sets: list[CandidateSet], val_sets: list[CandidateSet],
           settings: TrainSettings, out: str | Path, device: str = "cpu",
-          log: Callable[[str], None] = print) -> Path:
+          log: Callable[[str], None] = print, allow_worse: bool = False) -> Path:
     """Train the parameters of `model` that require gradients with Adam and `ap_loss`; score the initial model
     and every epoch on `val_sets` (mAP@10), writing `epoch_NN.safetensors`; copy the best epoch to
     `best.safetensors` and return its path. `log.csv` records loss, learning rate, validation mAP@10 and
     time per epoch (epoch 0: the initial model). A non-finite loss or parameter stops training with an error
-    naming the epoch and batch."""
+    naming the epoch and batch. When no epoch beats the retrieval order on validation, no `best` is written and
+    a ValueError says so, unless `allow_worse`."""
     if not train_sets or not val_sets:
         raise ValueError("training needs at least one training and one validation candidate set")
     out = Path(out)
@@ -190,9 +204,10 @@ def train(model: LearnedReranker, train_sets: list[CandidateSet], val_sets: list
     schedule = torch.optim.lr_scheduler.ExponentialLR(optimiser, gamma=settings.lr_decay)
     rng = np.random.default_rng(settings.seed)
     torch.manual_seed(settings.seed)
-    initial = validation_map10(model, val_sets, settings.K, device)
+    initial, baseline = validation_map10(model, val_sets, settings.K, device), retrieval_map10(val_sets, settings.K)
     rows_log = [{"epoch": 0, "loss": float("nan"), "lr": float("nan"), "val_map@10": initial, "seconds": 0.0}]
-    log(f"epoch 0/{settings.epochs} (initial model): val mAP@10 {100 * initial:.2f}")
+    log(f"epoch 0/{settings.epochs} (initial model): val mAP@10 {100 * initial:.2f} (retrieval order "
+        f"{100 * baseline:.2f})")
     best, best_map = None, -1.0
     for epoch in range(1, settings.epochs + 1):
         start, losses = time.monotonic(), []
@@ -226,6 +241,10 @@ def train(model: LearnedReranker, train_sets: list[CandidateSet], val_sets: list
         writer = csv.DictWriter(f, fieldnames=list(rows_log[0]))
         writer.writeheader()
         writer.writerows(rows_log)
+    if best_map < baseline and not allow_worse:
+        raise ValueError(f"no epoch beat the retrieval order on validation (best {best.name}: mAP@10 "
+                         f"{100 * best_map:.2f} < {100 * baseline:.2f}); best.safetensors not written (the epochs "
+                         f"are in {out}; allow_worse / --allow-worse keeps the best of them anyway)")
     for suffix in (".safetensors", ".json"):
         shutil.copyfile(best.with_suffix(suffix), out / f"best{suffix}")
     log(f"best: {best.name} (val mAP@10 {100 * best_map:.2f}, initial {100 * initial:.2f}) -> "
@@ -261,7 +280,8 @@ def load_candidate_sets(msls_root: str | Path, cities: Sequence[tuple[str, str |
 
 def train_schedule(train_sets: list[CandidateSet], val_sets: list[CandidateSet], schedule: Schedule,
                    out: str | Path, steps: Sequence[str] = STEPS, fc_weights: str | Path | None = None,
-                   device: str = "cpu", log: Callable[[str], None] = print) -> dict[str, Path]:
+                   device: str = "cpu", log: Callable[[str], None] = print,
+                   allow_worse: bool = False) -> dict[str, Path]:
     """The two steps into `out/fc` and `out/gnn`: FC1 alone (the `fc` re-ranker), then the GNN with that FC1
     copied in and frozen (from `fc_weights` when step 1 is not run). All maps must share one descriptor model
     (a re-ranker learns one descriptor space). Returns each step's best checkpoint."""
@@ -278,14 +298,17 @@ def train_schedule(train_sets: list[CandidateSet], val_sets: list[CandidateSet],
     if "fc" in steps:
         torch.manual_seed(schedule.fc.seed)                       # reproducible initial weights
         fc = build_reranker("fc", dim=dim, hidden=gnn_params.get("hidden", 512))
-        best["fc"] = fc_weights = train(fc, train_sets, val_sets, schedule.fc, out / "fc", device, log)
+        log(f"step 1, fc: {count_summary(fc)}")
+        best["fc"] = fc_weights = train(fc, train_sets, val_sets, schedule.fc, out / "fc", device, log,
+                                          allow_worse)
     if "gnn" in steps:
         fc = load_reranker(fc_weights)
         torch.manual_seed(schedule.gnn.seed)
         gnn = build_reranker("gnn", **gnn_params)
         gnn.fc1.load_state_dict(fc.fc1.state_dict())
         gnn.fc1.requires_grad_(False)
-        best["gnn"] = train(gnn, train_sets, val_sets, schedule.gnn, out / "gnn", device, log)
+        log(f"step 2, gnn: {count_summary(gnn)}, FC1 frozen from {fc_weights}")
+        best["gnn"] = train(gnn, train_sets, val_sets, schedule.gnn, out / "gnn", device, log, allow_worse)
     return best
 
 

