@@ -52,6 +52,7 @@ setup(
             "vpr_localizer = vpr_rerank_ros.node:main",
             "vpr-replay = vpr_rerank_ros.cli:replay_main",
             "vpr-train = vpr_rerank_ros.cli:train_main",
+            "vpr-study = vpr_rerank_ros.cli:study_main",
         ],
     },
 )

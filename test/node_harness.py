@@ -11,6 +11,7 @@ import numpy as np
 import yaml
 
 from vpr_rerank_ros import live_replay
+from vpr_rerank_ros.frames import STATUS_NAME
 
 
 def write_params(path: Path, **params) -> Path:
@@ -60,6 +61,7 @@ class RosClient:
         self.node = rclpy.create_node(name, context=self.context)
         self.executor = SingleThreadedExecutor(context=self.context)
         self.executor.add_node(self.node)
+        self.clients = {}           # service name -> client
 
     def collect(self, msg_type, topic: str, depth: int) -> list:
         """A list that every message received on `topic` is appended to."""
@@ -90,6 +92,35 @@ class RosClient:
             assert node.alive(), node.log()
             assert time.monotonic() < end, f"the node did not come up:\n{node.log()}"
             self.executor.spin_once(timeout_sec=0.2)
+
+    def call_async(self, srv_type, service: str, request, node: NodeProcess, timeout: float = 60.0):
+        """Send `request` to `service` once the node offers it (fails with the node's log if it died); returns
+        the response's Future, for the caller to spin on."""
+        if service not in self.clients:
+            self.clients[service] = self.node.create_client(srv_type, service)
+        client = self.clients[service]
+        end = time.monotonic() + timeout
+        while not client.service_is_ready():
+            assert node.alive(), node.log()
+            assert time.monotonic() < end, f"the node does not offer {service}:\n{node.log()}"
+            self.executor.spin_once(timeout_sec=0.1)
+        return client.call_async(request)
+
+    def call(self, srv_type, service: str, request, node: NodeProcess, timeout: float = 60.0):
+        """The node's response to `request` on `service`."""
+        future = self.call_async(srv_type, service, request, node, timeout)
+        assert self.spin_until(future.done, timeout), f"no response from {service}:\n{node.log()}"
+        return future.result()
+
+    def set_parameters(self, node: NodeProcess, **values):
+        """Set the node's parameters in one atomic change; returns its rcl_interfaces/SetParametersResult."""
+        from rcl_interfaces.srv import SetParametersAtomically
+        from rclpy.parameter import Parameter
+
+        request = SetParametersAtomically.Request(
+            parameters=[Parameter(name, value=value).to_parameter_msg() for name, value in values.items()])
+        return self.call(SetParametersAtomically, f"{live_replay.NODE}/set_parameters_atomically", request,
+                         node).result
 
     def close(self) -> None:
         import rclpy
@@ -128,5 +159,5 @@ def image_msg(rgb: np.ndarray, stamp_s: float, encoding: str = "rgb8"):
 
 def diagnostics_values(array) -> dict[str, str]:
     """The key/values of the node's pipeline status in a DiagnosticArray."""
-    status = next(s for s in array.status if s.name == "vpr_localizer: pipeline")
+    status = next(s for s in array.status if s.name == STATUS_NAME)
     return {kv.key: kv.value for kv in status.values}

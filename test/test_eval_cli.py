@@ -96,7 +96,7 @@ def test_precomputed_descriptors_are_checked(synthetic_map, tmp_path, capsys):
     rows = np.asarray(report.bundle.descriptors[:3], np.float32)
     cases = [(["a", "b", "c"], rows, None, "no descriptor for 32 of 32 images"),
              (["a"], rows, None, "'descriptors' is [3, "),
-             (["a", "b", "c"], rows * 2, None, "must be finite and L2-normalised"),
+             (["a", "b", "c"], rows * 2, None, "must be finite (no NaN or inf) and L2-normalised"),
              (["a", "b", "c"], rows[:, :8] / np.linalg.norm(rows[:, :8], axis=1, keepdims=True), None, "8-D"),
              (["a", "b", "c"], rows, "f" * 64, "descriptors of model ffffffffffff")]
 

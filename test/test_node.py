@@ -1,5 +1,6 @@
 """The vpr_localizer node over real DDS: a subprocess started with a params file localises frames from a test
-publisher, survives bad frames, publishes diagnostics, and exits non-zero with a clear message at bad start-up."""
+publisher, survives bad frames, publishes diagnostics, and exits non-zero with a clear message at bad start-up.
+Its parameters are declared read-only unless they can change at run time, with their ranges."""
 import math
 
 import numpy as np
@@ -11,6 +12,8 @@ from vpr_rerank_ros.geo import EnuFrame
 from vpr_rerank_ros.images import read_rgb
 
 pytestmark = pytest.mark.ros
+
+CAMERA_FRAMES = ("front_camera", "")   # frame_id of the even and odd frames sent
 
 
 def test_node_localises_frames_over_dds(synthetic_map, tmp_path):
@@ -26,6 +29,7 @@ def test_node_localises_frames_over_dds(synthetic_map, tmp_path):
                           datum_lat=datum[0], datum_lon=datum[1])
     with running_node(params, tmp_path) as (node, client):
         poses = client.collect(PoseWithCovarianceStamped, "/vpr_localizer/pose", 10)
+        estimates = client.collect(NavSatFix, "/vpr_localizer/fix", 10)
         diagnostics = client.collect(DiagnosticArray, "/diagnostics", 10)
         images = client.node.create_publisher(Image, "/image", qos_profile_sensor_data)
         fixes = client.node.create_publisher(NavSatFix, "/gps/fix", qos_profile_sensor_data)
@@ -39,9 +43,12 @@ def test_node_localises_frames_over_dds(synthetic_map, tmp_path):
             nan_fix = NavSatFix(latitude=float("nan"), longitude=13.0)              # must be ignored
             nan_fix.header.stamp.sec = 1000 + n
             fixes.publish(nan_fix)
-            images.publish(image_msg(read_rgb(query.image_path(i)), 1000 + n))
+            image = image_msg(read_rgb(query.image_path(i)), 1000 + n)
+            image.header.frame_id = CAMERA_FRAMES[n % 2]
+            images.publish(image)
             client.spin_for(1.0)
-        client.spin_until(lambda: len(poses) >= len(frames) - 2 and diagnostics, timeout=20)
+        client.spin_until(lambda: len(poses) >= len(frames) - 2 and len(estimates) >= len(frames) - 2
+                          and diagnostics, timeout=20)
         assert node.alive(), "the node died"
     log = node.log()
     assert len(poses) >= len(frames) - 2, log
@@ -55,6 +62,9 @@ def test_node_localises_frames_over_dds(synthetic_map, tmp_path):
         errors.append(math.hypot(p.pose.pose.position.x - float(e), p.pose.pose.position.y - float(n)))
         assert p.header.frame_id == "map" and p.pose.covariance[0] >= 25.0 and p.pose.covariance[14] >= 1e5
     assert np.median(errors) < 30.0, errors
+    # ~/fix is the camera's position: in the image's frame, "camera" for images without one
+    assert len(estimates) >= len(frames) - 2
+    assert all(f.header.frame_id == (CAMERA_FRAMES[(f.header.stamp.sec - 1000) % 2] or "camera") for f in estimates)
     values = diagnostics_values(diagnostics[-1])
     assert int(values["bad"]) >= 1 and int(values["processed"]) >= len(frames) - 2
     assert int(values["bad_fixes"]) >= 1 and values["image_conversion"] == "numpy"
@@ -66,6 +76,19 @@ def test_bad_start_up_exits_non_zero_with_a_clear_message(tmp_path):
     node = NodeProcess(params, tmp_path)
     assert node.process.wait(timeout=60) == 1
     assert f"vpr_localizer: {tmp_path / 'no_map'}: no such map directory" in node.log()
+
+
+def test_parameters_are_read_only_unless_they_change_at_run_time():
+    from vpr_rerank_ros.node import PARAMETERS, parameter_descriptor
+    from vpr_rerank_ros.rerank import available_rerankers
+
+    assert {name for name in PARAMETERS if not parameter_descriptor(name).read_only} == \
+        {"reranker", "reranker_params", "top_k", "pose_matches", "publish_matches"}
+    assert parameter_descriptor("top_k").integer_range[0].from_value == 1
+    assert 0 < parameter_descriptor("rate_hz").floating_point_range[0].from_value < 0.01
+    assert parameter_descriptor("gps_max_age_s").floating_point_range[0].from_value == 0.0
+    assert not parameter_descriptor("datum_lat").floating_point_range                    # NaN: the map's centre
+    assert all(name in parameter_descriptor("reranker").description for name in available_rerankers())
 
 
 def test_config_yaml_documents_every_parameter():

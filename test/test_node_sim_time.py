@@ -1,6 +1,8 @@
 """`use_sim_time`: the node follows /clock for the stamps it makes itself (diagnostics), gives its poses the
-image stamps, ages GPS fixes against the image stamp (both in sim time), and keeps processing frames and
-reporting while /clock stands still (a stalled replayer): its timers run on the steady clock, not on ROS time."""
+image stamps, ages GPS fixes against the image stamp (both in sim time), and keeps processing frames,
+reporting and warning while /clock stands still (a stalled replayer): its timers and warning throttles run on
+the steady clock, not on ROS time."""
+import re
 import time
 
 import pytest
@@ -8,6 +10,7 @@ from node_harness import diagnostics_values, image_msg, running_node, set_stamp,
 
 from vpr_rerank_ros.datasets.msls import load_city
 from vpr_rerank_ros.images import read_rgb
+from vpr_rerank_ros.node import WARN_PERIOD_S
 
 pytestmark = pytest.mark.ros
 
@@ -52,16 +55,25 @@ def test_node_under_sim_time(synthetic_map, tmp_path):
             images.publish(image)
             return stamp_of(image)
 
+        def send_bad_fixes() -> None:
+            """Two unusable fixes in a row (best effort: one may be lost); the node warns about the first it gets."""
+            for _ in range(2):
+                fixes.publish(set_stamp(NavSatFix(latitude=float("nan")), SIM_START + ticks / 20))
+
         client.wait_for_subscriber(images, node)
         run_clock(1.0, advance=True)
         running, stalled = [], []
         for i in range(6):
             running.append(send_frame(i, run_clock(1.0, advance=True)))
         held = SIM_START + ticks / 20
+        send_bad_fixes()
+        first_warning = time.monotonic()
         for i in range(6, 9):           # /clock stands still; the frames' own stamps move on
             run_clock(1.0, advance=False)
             stalled.append(send_frame(i, held + i - 5))
-        run_clock(2.0, advance=False)
+        run_clock(first_warning + WARN_PERIOD_S + 0.5 - time.monotonic(), advance=False)
+        send_bad_fixes()                # warned about again: the throttle period passed in steady time
+        run_clock(1.0, advance=False)
         assert node.alive(), node.log()
     stamps = [stamp_of(p) for p in poses]
     assert set(stamps) <= set(running + stalled), (stamps, running, stalled)     # the image stamps, exactly
@@ -77,3 +89,4 @@ def test_node_under_sim_time(synthetic_map, tmp_path):
     assert all(float(v["latency_total_ms"]) > 0 for v in localising)
     assert any(float(v["processed_hz"]) > 0 for v in localising)
     assert any(v["gps"] == "GPS hint used" for v in localising), [(v["gps"], v["fixes"], v["bad_fixes"]) for v in localising]
+    assert len(re.findall("ignoring GPS fix with status", node.log())) == 2, node.log()

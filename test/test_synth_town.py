@@ -173,5 +173,5 @@ def test_cli_writes_a_town_and_a_bag(tmp_path, capsys):
         synth_main(["--cities", "1"])            # neither --out nor --bag
     with pytest.raises(SystemExit):
         synth_main(["--out", str(tmp_path / "x"), "--size", "640by480"])
-    assert synth_main(["--bag", str(tmp_path / "drive"), *args]) == 2   # exists already
+    assert synth_main(["--bag", str(tmp_path / "drive"), *args]) == 1   # exists already: a user error
     assert "already exists" in capsys.readouterr().err

@@ -428,3 +428,20 @@ def _train(args, steps: tuple[str, ...]) -> int:
     train_schedule(train_sets, val_sets, schedule, args.out, steps, args.fc_weights, device,
                    allow_worse=args.allow_worse)
     return 0
+
+
+def study_main(argv: list[str] | None = None) -> int:
+    """`vpr-study --seed S --out DIR`: the training study on a seeded synthetic town, from nothing."""
+    parser = argparse.ArgumentParser(prog="vpr-study", description="Train the learned re-rankers on synthetic "
+                                     "cities and compare every re-ranker on held-out cities (docs/training.md).")
+    parser.add_argument("--seed", type=int, required=True, help="seed of the town, the descriptor and training")
+    parser.add_argument("--out", required=True, help="study folder (an interrupted study resumes in it)")
+    args = parser.parse_args(argv)
+
+    def run() -> int:
+        from .study import run_study
+
+        run_study(args.seed, args.out)
+        return 0
+
+    return report_user_errors("vpr-study", run)

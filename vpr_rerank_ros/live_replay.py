@@ -32,15 +32,13 @@ from rosgraph_msgs.msg import Clock
 from visualization_msgs.msg import MarkerArray
 
 from .bag import TYPESTORE, DriveTopics, iter_bag, read_drive_bag, stamp_ns
+from .frames import COUNTERS, DIAGNOSTICS_PERIOD_S, STATUS_NAME
 from .mapdb import MapBundle
 from .replay import FrameEstimate, ReplayReport, format_report, score_frames, truth_positions
 
 CLOCK_PERIOD_S = 0.025         # /clock is published about every 25 ms of wall time (40 Hz)
 NODE = "/vpr_localizer"        # the node's name, so its private topics are /vpr_localizer/pose, .../matches
 STAGES = ("descriptor", "retrieval", "reranking", "pose", "total")   # the node's latency_<stage>_ms values
-# The node's frame counters in its diagnostics: every received frame ends processed, dropped (latest frame
-# wins), bad (undecodable) or errors (failed while localising); lost = lost by the middleware before receipt.
-COUNTERS = ("received", "processed", "dropped", "bad", "errors", "lost")
 
 
 @dataclass(frozen=True)
@@ -76,7 +74,7 @@ class LiveReport:
     report: ReplayReport
     sent: int                 # camera frames published
     answered: int             # frames the node published a pose for
-    node_counts: dict         # COUNTERS, from the node's last diagnostics
+    node_counts: dict         # frames.COUNTERS, from the node's last diagnostics
     final: bool               # the node's diagnostics after the last frame arrived (else the counts are older)
     wall_s: float             # playback time, from the first message to the node's last report
 
@@ -227,7 +225,7 @@ class _Player:
 
     def _on_diagnostics(self, msg: DiagnosticArray) -> None:
         for status in msg.status:
-            if status.name == "vpr_localizer: pipeline":
+            if status.name == STATUS_NAME:
                 self.diagnostics.append((stamp_ns(msg.header), {kv.key: kv.value for kv in status.values}))
 
     # ------------------------------------------------------------------ playback
@@ -294,7 +292,7 @@ class _Player:
     def finish(self) -> bool:
         """Run the clock on until the node reports, one diagnostics period after the last frame, that nothing is
         pending and all its poses have arrived: True; False when `frame_timeout_s` passed first."""
-        after = self.sim_ns + 1_000_000_000
+        after = self.sim_ns + round(DIAGNOSTICS_PERIOD_S * 1e9)
         deadline = time.monotonic() + self.settings.frame_timeout_s
         while time.monotonic() < deadline:
             self._tick()

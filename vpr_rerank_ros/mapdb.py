@@ -23,13 +23,13 @@ from pathlib import Path
 import numpy as np
 from scipy.spatial import cKDTree
 
+from .descriptors.model import NORM_TOLERANCE, check_unit_rows
 from .geo import FOV_ANGLE_DEG, FOV_RADIUS_M, OverlapGraph, UtmZone, latlon_to_utm, utm_to_latlon
 
 FORMAT_NAME = "vpr_rerank_ros.map"
 FORMAT_VERSION = 1
 TABLE_COLUMNS = ("key", "easting", "northing", "lat", "lon", "heading", "captured_at", "path")
 FILES = ("images.csv", "descriptors.npy", "index.faiss", "overlap.npz")
-NORM_TOLERANCE = {"float32": 1e-3, "float16": 1e-2}   # |norm - 1| allowed for stored descriptor rows
 INDEX_KINDS = ("flat", "ivfpq")
 
 
@@ -267,7 +267,7 @@ class MapBundle:
         if descriptors.ndim != 2 or descriptors.shape[0] != n:
             raise ValueError(f"descriptors must be ({n}, D) for {n} images, got {descriptors.shape}")
         stored = descriptors.astype(dtype)
-        _check_descriptors(stored, dtype, "descriptors")
+        check_unit_rows(stored, dtype, "descriptors")
         try:
             info = DescriptorInfo(**descriptor, dim=int(descriptors.shape[1]), dtype=dtype)
         except TypeError as exc:
@@ -466,17 +466,6 @@ def dot_rows(rows: np.ndarray, vector: np.ndarray) -> np.ndarray:
     """rows @ vector without BLAS: a per-frame matrix-vector product is too small to gain from OpenBLAS's
     threads, and their busy-waiting afterwards slows the next frame's descriptor (README, performance)."""
     return np.einsum("ij,j->i", rows, vector)
-
-
-def _check_descriptors(d: np.ndarray, dtype: str, name: str) -> None:
-    d32 = d.astype(np.float32)
-    if not np.isfinite(d32).all():
-        raise ValueError(f"{name} contain NaN or inf")
-    norms = np.linalg.norm(d32, axis=1)
-    bad = np.flatnonzero(np.abs(norms - 1.0) > NORM_TOLERANCE[dtype])
-    if bad.size:
-        raise ValueError(f"{name} must be L2-normalised: row {bad[0]} has norm {norms[bad[0]]:.4f} "
-                         f"({bad.size} rows off by more than {NORM_TOLERANCE[dtype]})")
 
 
 def _train_index(vectors: np.ndarray, config: IndexConfig) -> tuple[object, IndexConfig]:

@@ -4,9 +4,15 @@ diagnostics and (optionally) match markers out. A thin edge over `Localizer`.
 Latest frame wins: the image callback only stores the newest frame and wakes a pipeline thread that
 localises it, so a slow model never builds a backlog. The pipeline runs outside the executor: a long
 callback would keep a multi-threaded executor polling (and holding the GIL the model needs). Bad input is
-logged (throttled) and skipped. Pacing and diagnostics use the steady clock, so under `use_sim_time` a
-paused or slow /clock does not stall the pipeline; output stamps are the image stamps, and GPS fixes are
-aged against the image stamp.
+logged (throttled) and skipped. Pacing, diagnostics and warning throttles use the steady clock, so under
+`use_sim_time` a paused or slow /clock does not stall the pipeline; output stamps are the image stamps, and
+GPS fixes are aged against the image stamp.
+
+Reconfiguration never blocks the executor: a map reload (~/reload_map) or a new re-ranker (parameters) is
+loaded on a reconfiguration thread, one job at a time, while the pipeline goes on with the old one, and
+swapped in between two frames. The reload service answers once its swap is done: it is a coroutine in its
+own callback group that awaits the job, so the executor goes on with frames, fixes, parameters and
+diagnostics meanwhile.
 """
 from __future__ import annotations
 
@@ -14,6 +20,7 @@ import math
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 import cv2
@@ -22,43 +29,79 @@ import rclpy
 import yaml
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from geometry_msgs.msg import PoseWithCovarianceStamped
-from rcl_interfaces.msg import ParameterDescriptor, SetParametersResult
+from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor, SetParametersResult
+from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.clock import Clock, ClockType
 from rclpy.event_handler import SubscriptionEventCallbacks, UnsupportedEventTypeError
+from rclpy.exceptions import ParameterException
 from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.node import Node
 from rclpy.qos import qos_profile_sensor_data
+from rclpy.task import Future
 from sensor_msgs.msg import CompressedImage, Image, NavSatFix, NavSatStatus
 from std_srvs.srv import Trigger
 from visualization_msgs.msg import Marker, MarkerArray
 
+from .frames import COUNTERS, DIAGNOSTICS_PERIOD_S, GPS_MAX_AGE_S, STATUS_NAME, fresh_fix
 from .geo import EnuFrame, heading_to_yaw, meridian_convergence_deg
 from .images import ImageError, decode_image_message
 from .localizer import Localizer, LocalizerSettings, hint_from_fix
 from .mapbuild import map_model
 from .mapdb import MapBundle, MapError
+from .rerank import Reranker, available_rerankers, build_reranker
 
 LARGE_VARIANCE = 1e6   # unobserved axes (z, roll, pitch): "unknown", never zero
-COUNTERS = ("received", "lost", "processed", "dropped", "bad", "errors", "fixes", "bad_fixes")
+CAMERA_FRAME = "camera"   # frame_id of ~/fix for images without one
+WARN_PERIOD_S = 5.0    # at most one warning per period from each place that warns about bad input
+POSITIVE = 1e-3        # the least value of a parameter that must be positive (rclpy's ranges include their ends)
+INT_MAX = 2**63 - 1    # ROS integer parameters are int64
 
 PARAMETERS = {  # name: (default, description); every one is documented in config/localize.yaml
     "map_path": ("", "map bundle directory (vpr-map build)"),
     "model_path": ("", "descriptor weights; empty = the model stored in the map"),
-    "reranker": ("none", "re-ranker name (none, aqe, alpha_qe, superglobal, k_reciprocal, gnn_knn, gnn, fc, csa)"),
+    "reranker": ("none", f"re-ranker name ({', '.join(available_rerankers())})"),
     "reranker_params": ("{}", "re-ranker parameters as a YAML mapping, e.g. '{P: 1, beta: 0.6}'"),
     "top_k": (100, "candidates retrieved and re-ranked per frame"),
     "pose_matches": (5, "top re-ranked matches that form the pose estimate"),
     "compressed": (False, "subscribe to image/compressed (CompressedImage) instead of image (Image)"),
-    "map_frame": ("map", "frame_id of the published pose"),
+    "map_frame": ("map", "frame_id of ~/pose and ~/matches (~/fix carries the camera image's)"),
     "output": ("enu", "pose coordinates: 'enu' (metres from datum) or 'utm' (the map's zone)"),
     "datum_lat": (float("nan"), "ENU datum latitude; NaN = the map's centre"),
     "datum_lon": (float("nan"), "ENU datum longitude; NaN = the map's centre"),
-    "gps_max_age_s": (2.0, "GPS fixes older than this (relative to the image stamp) are ignored"),
+    "gps_max_age_s": (GPS_MAX_AGE_S, "GPS fixes further than this from the image stamp (either way) are ignored"),
     "gps_radius_m": (50.0, "search radius around a GPS hint, plus 3 sigma of the fix"),
     "rate_hz": (10.0, "how often the newest frame is processed, at most"),
     "device": ("auto", "cuda, cpu or auto"),
     "publish_matches": (False, "publish ~/matches markers at the top matches"),
 }
+RUN_TIME = ("reranker", "reranker_params", "top_k", "pose_matches", "publish_matches")   # the rest are read-only
+RANGES = {"top_k": (1, INT_MAX), "pose_matches": (1, INT_MAX), "rate_hz": (POSITIVE, math.inf),
+          "gps_max_age_s": (0.0, math.inf), "gps_radius_m": (POSITIVE, math.inf)}
+
+
+def parameter_descriptor(name: str) -> ParameterDescriptor:
+    """How parameter `name` is declared: its description, read-only unless it can change at run time (RUN_TIME),
+    and its range, which rclpy enforces at start-up and on every change."""
+    default, text = PARAMETERS[name]
+    descriptor = ParameterDescriptor(description=text, read_only=name not in RUN_TIME)
+    if name in RANGES:
+        low, high = RANGES[name]
+        if isinstance(default, int):
+            descriptor.integer_range = [IntegerRange(from_value=low, to_value=high, step=1)]
+        else:
+            descriptor.floating_point_range = [FloatingPointRange(from_value=low, to_value=high)]
+    return descriptor
+
+
+def reranker_params(text: str) -> dict:
+    """The reranker_params parameter as a dict; a ValueError unless it is a YAML mapping."""
+    try:
+        params = yaml.safe_load(text or "{}")
+    except yaml.YAMLError as exc:
+        raise ValueError(f"parameter reranker_params is not valid YAML: {exc}") from None
+    if not isinstance(params, dict):
+        raise ValueError(f"parameter reranker_params must be a YAML mapping, got {text!r}")
+    return params
 
 
 def image_decoder() -> tuple[str, Callable[[Image | CompressedImage], np.ndarray]]:
@@ -93,21 +136,26 @@ def image_decoder() -> tuple[str, Callable[[Image | CompressedImage], np.ndarray
 class LocalizerNode(Node):
     def __init__(self, **kwargs) -> None:
         super().__init__("vpr_localizer", **kwargs)
-        for name, (default, text) in PARAMETERS.items():
-            self.declare_parameter(name, default, ParameterDescriptor(description=text))
+        for name, (default, _) in PARAMETERS.items():
+            self.declare_parameter(name, default, parameter_descriptor(name))
         self.p = {name: self.get_parameter(name).value for name in PARAMETERS}
         self._validate(self.p)
+        steady = Clock(clock_type=ClockType.STEADY_TIME)
+        # rclpy throttles each place that logs separately, on this clock (its default is the system clock)
+        self.throttled = {"throttle_duration_sec": WARN_PERIOD_S, "throttle_time_source_type": steady}
         self.localizer, self.enu = self._load_localizer()
         self.conversion, self.decode = image_decoder()
         self.lock = threading.Lock()
         self.wake = threading.Condition(self.lock)   # a frame arrived, or the node stops
-        self.pipeline = threading.Lock()             # held while localising: the localizer is swapped between frames
+        self.pipeline = threading.Lock()             # held while localising: what it uses is swapped between frames
+        # The reconfiguration thread: map reloads and re-ranker swaps in the order asked for, so a re-ranker is
+        # always prepared for the localizer it is swapped into.
+        self.jobs = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vpr_localizer reconfigure")
         self.running = True
         self.latest = None          # the newest frame not yet processed
         self.fix = None             # (lat, lon, sigma, stamp seconds)
         self.stats = {**dict.fromkeys(COUNTERS, 0), "last_latency": {}, "gps": "no frame yet"}
         self._rate_base = (time.monotonic(), 0, 0)   # (time, received, processed) at the last diagnostics
-        self._warned = {}
         image_type, topic = (CompressedImage, "image/compressed") if self.p["compressed"] else (Image, "image")
         try:
             self.create_subscription(image_type, topic, self._on_image, qos_profile_sensor_data,
@@ -119,9 +167,9 @@ class LocalizerNode(Node):
         self.fix_pub = self.create_publisher(NavSatFix, "~/fix", 10)
         self.diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
         self.match_pub = self.create_publisher(MarkerArray, "~/matches", 10)
-        self.create_service(Trigger, "~/reload_map", self._on_reload)
+        self.create_service(Trigger, "~/reload_map", self._on_reload, callback_group=MutuallyExclusiveCallbackGroup())
         self.add_on_set_parameters_callback(self._on_parameters)
-        self.create_timer(1.0, self._diagnostics, clock=Clock(clock_type=ClockType.STEADY_TIME))
+        self.create_timer(DIAGNOSTICS_PERIOD_S, self._diagnostics, clock=steady)
         self.worker = threading.Thread(target=self._work, name="vpr_localizer pipeline", daemon=True)
         self.worker.start()
         self.get_logger().info(f"localising against {len(self.localizer.bundle)} map images with "
@@ -132,15 +180,14 @@ class LocalizerNode(Node):
 
     @staticmethod
     def _validate(p: dict) -> None:
+        """What the parameters' ranges cannot say (rclpy enforces those)."""
         if not p["map_path"]:
             raise ValueError("parameter map_path is required (a map directory built with vpr-map build)")
         if p["output"] not in ("enu", "utm"):
             raise ValueError(f"parameter output must be 'enu' or 'utm', got {p['output']!r}")
-        if not p["rate_hz"] > 0 or p["top_k"] < 1 or not 1 <= p["pose_matches"] <= p["top_k"]:
-            raise ValueError("need rate_hz > 0, top_k >= 1 and 1 <= pose_matches <= top_k")
-        params = yaml.safe_load(p["reranker_params"] or "{}")
-        if not isinstance(params, dict):
-            raise ValueError(f"parameter reranker_params must be a YAML mapping, got {p['reranker_params']!r}")
+        if p["pose_matches"] > p["top_k"]:
+            raise ValueError(f"need pose_matches <= top_k, got pose_matches {p['pose_matches']}, top_k {p['top_k']}")
+        reranker_params(p["reranker_params"])
 
     @staticmethod
     def _settings(p: dict, map_size: int) -> LocalizerSettings:
@@ -152,13 +199,18 @@ class LocalizerNode(Node):
         bundle = MapBundle.load(self.p["map_path"])
         model = map_model(bundle, self.p["model_path"] or None)
         localizer = Localizer(bundle, model, self.p["reranker"], self._settings(self.p, len(bundle)),
-                              yaml.safe_load(self.p["reranker_params"]))
-        if localizer.reranker.learned and not localizer.reranker.trained:
-            self.get_logger().error(f"re-ranker {self.p['reranker']} has NO TRAINED WEIGHTS: its ranking is random")
+                              reranker_params(self.p["reranker_params"]))
+        self._report_untrained(localizer.reranker)
         lat, lon = self.p["datum_lat"], self.p["datum_lon"]
         if not (math.isfinite(lat) and math.isfinite(lon)):
             lat, lon = float(np.mean(bundle.table.lat)), float(np.mean(bundle.table.lon))
         return localizer, EnuFrame(lat, lon)
+
+    def _report_untrained(self, reranker: Reranker) -> None:
+        """An error in the log when a learned re-ranker has no trained weights (its ranking is meaningless)."""
+        warning = reranker.untrained_warning()
+        if warning:
+            self.get_logger().error(warning)
 
     # ------------------------------------------------------------------ callbacks
 
@@ -179,9 +231,9 @@ class LocalizerNode(Node):
         if hint is None:
             with self.lock:
                 self.stats["bad_fixes"] += 1
-            self._warn("fix", f"ignoring GPS fix with status {msg.status.status} at latitude {msg.latitude}, "
-                              f"longitude {msg.longitude}: a hint needs status >= 0 and a finite "
-                              "position within ±90° / ±180°")
+            self.get_logger().warning(f"ignoring GPS fix with status {msg.status.status} at latitude "
+                                      f"{msg.latitude}, longitude {msg.longitude}: a hint needs status >= 0 and "
+                                      "a finite position within ±90° / ±180°", **self.throttled)
             return
         stamp = msg.header.stamp.sec + msg.header.stamp.nanosec * 1e-9
         with self.lock:
@@ -203,11 +255,13 @@ class LocalizerNode(Node):
             time.sleep(max(0.0, period - (time.monotonic() - started)))
 
     def stop(self) -> None:
-        """End the pipeline thread (after the frame in hand)."""
+        """End the pipeline thread (after the frame in hand) and the reconfiguration thread (after the job in
+        hand; queued ones are dropped)."""
         with self.wake:
             self.running = False
             self.wake.notify()
         self.worker.join()
+        self.jobs.shutdown(cancel_futures=True)
 
     def _process(self) -> None:
         with self.lock:
@@ -221,11 +275,11 @@ class LocalizerNode(Node):
         except ImageError as exc:
             with self.lock:
                 self.stats["bad"] += 1
-            self._warn("image", f"skipping frame: {exc}")
+            self.get_logger().warning(f"skipping frame: {exc}", **self.throttled)
             return
         stamp = msg.header.stamp.sec + msg.header.stamp.nanosec * 1e-9
         hint, gps_note = None, "no GPS fix received"
-        if fix is not None and abs(stamp - fix[3]) <= self.p["gps_max_age_s"]:
+        if fix is not None and fresh_fix(fix[3], stamp, self.p["gps_max_age_s"]):
             hint = fix[:3]
         elif fix is not None:
             gps_note = f"newest GPS fix is {abs(stamp - fix[3]):.1f} s from the image stamp: not used"
@@ -234,21 +288,23 @@ class LocalizerNode(Node):
         except ValueError as exc:
             with self.lock:
                 self.stats["bad"] += 1
-            self._warn("localize", f"skipping frame: {exc}")
+            self.get_logger().warning(f"skipping frame: {exc}", **self.throttled)
             return
         except Exception as exc:   # e.g. out of device memory: a running node reports it and goes on
             with self.lock:
                 self.stats["errors"] += 1
-            self._warn("error", f"skipping frame: {type(exc).__name__} while localising: {exc}")
+            self.get_logger().warning(f"skipping frame: {type(exc).__name__} while localising: {exc}",
+                                      **self.throttled)
             return
-        self._publish(msg.header.stamp, result)
+        self._publish(msg.header, result)
         with self.lock:
             self.stats["processed"] += 1
             self.stats["last_latency"] = {**result.timings, "total": time.perf_counter() - start}
             self.stats["gps"] = result.gps_note if hint is not None else gps_note
 
-    def _publish(self, stamp, result) -> None:
-        table = self.localizer.bundle.table
+    def _publish(self, header, result) -> None:
+        """~/pose in the map frame; ~/fix in the camera's frame (the position estimated is the camera's)."""
+        stamp, table = header.stamp, self.localizer.bundle.table
         pose = PoseWithCovarianceStamped()
         pose.header.stamp, pose.header.frame_id = stamp, self.p["map_frame"]
         compass = result.heading + float(meridian_convergence_deg(result.lat, result.lon, table.zone))
@@ -266,7 +322,7 @@ class LocalizerNode(Node):
         pose.pose.covariance = cov.reshape(-1).tolist()
         self.pose_pub.publish(pose)
         fix = NavSatFix()
-        fix.header.stamp, fix.header.frame_id = stamp, self.p["map_frame"]
+        fix.header.stamp, fix.header.frame_id = stamp, header.frame_id or CAMERA_FRAME
         fix.status.status, fix.status.service = NavSatStatus.STATUS_FIX, NavSatStatus.SERVICE_GPS
         fix.latitude, fix.longitude, fix.altitude = result.lat, result.lon, float("nan")
         enu_cov = np.zeros((3, 3))
@@ -299,13 +355,14 @@ class LocalizerNode(Node):
     def _diagnostics(self) -> None:
         with self.lock:
             stats = dict(self.stats)
+        localizer = self.localizer
         now = time.monotonic()
         since, received, processed = self._rate_base
         self._rate_base = (now, stats["received"], stats["processed"])
-        status = DiagnosticStatus(name="vpr_localizer: pipeline", hardware_id=str(self.localizer.device))
+        status = DiagnosticStatus(name=STATUS_NAME, hardware_id=str(localizer.device))
         status.level = DiagnosticStatus.OK if stats["processed"] else DiagnosticStatus.WARN
         status.message = "localising" if stats["processed"] else "waiting for images"
-        values = {"map_images": len(self.localizer.bundle), "reranker": self.p["reranker"],
+        values = {"map_images": len(localizer.bundle), "reranker": localizer.reranker.name,
                   "image_conversion": self.conversion, **{k: stats[k] for k in COUNTERS},
                   "received_hz": f"{(stats['received'] - received) / (now - since):.2f}",
                   "processed_hz": f"{(stats['processed'] - processed) / (now - since):.2f}",
@@ -316,38 +373,75 @@ class LocalizerNode(Node):
         array.header.stamp = self.get_clock().now().to_msg()   # ROS time: /clock under use_sim_time
         self.diag_pub.publish(array)
 
-    def _on_reload(self, request, response):
+    async def _on_reload(self, request, response):
+        """~/reload_map, a coroutine in its own callback group: while the reconfiguration thread loads the map and
+        swaps it in, the executor goes on with every other callback. It answers when the swap is done, or why
+        the reload failed (the node then keeps the map it has)."""
+        answer = Future()
+
+        def finished(job) -> None:   # on the reconfiguration thread
+            answer.set_result(job)
+            self.executor.wake()     # resume this coroutine now rather than at the executor's next event
+
         try:
-            localizer, enu = self._load_localizer()
-        except (MapError, OSError, ValueError) as exc:
-            response.success, response.message = False, str(exc)
-            return response
-        with self.pipeline:
-            self.localizer, self.enu = localizer, enu
-        response.success, response.message = True, f"reloaded {len(localizer.bundle)} map images"
+            self.jobs.submit(self._reload).add_done_callback(finished)
+            response.message = (await answer).result()
+            response.success = True
+        except Exception as exc:   # a bad map, or e.g. out of memory: a running node reports it and goes on
+            response.success = False
+            response.message = f"map not reloaded, still localising with the old one: {type(exc).__name__}: {exc}"
+            self.get_logger().error(response.message)
         return response
 
+    def _reload(self) -> str:
+        """Reconfiguration thread: a new localizer of the configured map, swapped in between two frames."""
+        localizer, enu = self._load_localizer()
+        with self.pipeline:
+            self.localizer, self.enu = localizer, enu
+        message = f"reloaded {len(localizer.bundle)} map images"
+        self.get_logger().info(message)
+        return message
+
     def _on_parameters(self, params) -> SetParametersResult:
-        changed = {p.name: p.value for p in params}
-        static = set(changed) - {"reranker", "reranker_params", "top_k", "pose_matches", "publish_matches"}
-        if static:
-            return SetParametersResult(successful=False, reason=f"{sorted(static)} can only be set at start-up")
+        """Check a run-time change (rclpy has refused read-only parameters and values out of range) and queue it
+        on the reconfiguration thread. A new re-ranker is built and checked against the map here (for a learned
+        one that loads its weights), so a bad name, parameter or model is refused with the reason."""
+        changed = {p.name: p.value for p in params if p.name in PARAMETERS}
         new = {**self.p, **changed}
+        reranker = None
         try:
             self._validate(new)
-            with self.pipeline:
-                self.localizer.set_reranker(new["reranker"], **yaml.safe_load(new["reranker_params"]))
-                self.localizer.settings = self._settings(new, len(self.localizer.bundle))
+            if changed.keys() & {"reranker", "reranker_params"}:
+                reranker = build_reranker(new["reranker"], **reranker_params(new["reranker_params"]))
+                self.localizer.bundle.check_reranker(reranker)
         except ValueError as exc:
             return SetParametersResult(successful=False, reason=str(exc))
         self.p = new
+        if reranker is not None:
+            self.jobs.submit(self._swap_reranker, reranker)
+        if changed.keys() & {"top_k", "pose_matches"}:
+            self.jobs.submit(self._apply_settings)
         return SetParametersResult(successful=True)
 
-    def _warn(self, kind: str, text: str, period_s: float = 5.0) -> None:
-        now = time.monotonic()
-        if now - self._warned.get(kind, -1e9) >= period_s:
-            self._warned[kind] = now
-            self.get_logger().warning(text)
+    def _swap_reranker(self, reranker: Reranker) -> None:
+        """Reconfiguration thread: prepare `reranker` (slow for learned ones) beside the pipeline, then swap it in
+        between two frames; on failure the node goes on with the re-ranker it has."""
+        localizer = self.localizer   # reloads run on this thread too: it stays the one in use
+        try:
+            prepared = localizer.prepare_reranker(reranker)
+        except Exception as exc:   # e.g. out of device memory
+            self.get_logger().error(f"re-ranker {reranker.name} not swapped in, still using "
+                                    f"{localizer.reranker.name}: {type(exc).__name__}: {exc}")
+            return
+        with self.pipeline:
+            localizer.use_reranker(prepared)
+        self.get_logger().info(f"re-ranker {prepared.name} swapped in")
+        self._report_untrained(prepared)
+
+    def _apply_settings(self) -> None:
+        """Reconfiguration thread: the current top_k and pose_matches, from the next frame on."""
+        with self.pipeline:
+            self.localizer.settings = self._settings(self.p, len(self.localizer.bundle))
 
 
 def main(args: list[str] | None = None) -> int:
@@ -358,11 +452,12 @@ def main(args: list[str] | None = None) -> int:
         return 2
     try:
         node = LocalizerNode()
-    except (MapError, OSError, ValueError) as exc:
+    except (MapError, OSError, ValueError, ParameterException) as exc:
         print(f"vpr_localizer: {exc}", file=sys.stderr)
         rclpy.try_shutdown()
         return 1
-    executor = SingleThreadedExecutor()   # every callback is short: the pipeline has its own thread
+    # Every callback is short: the pipeline and reconfiguration have their own threads, ~/reload_map awaits its job.
+    executor = SingleThreadedExecutor()
     executor.add_node(node)
     try:
         executor.spin()

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from .bag import TYPESTORE, DriveTopics, TruthPose, iter_bag, read_drive_bag, stamp_ns
+from .frames import GPS_MAX_AGE_S, fresh_fix
 from .geo import UtmZone, latlon_to_utm, utm_to_latlon
 from .images import ImageError, decode_image_message
 from .localizer import Localizer, hint_from_fix
@@ -77,8 +78,9 @@ def score_frames(frames: list[FrameEstimate], truth: dict, skipped: dict, latenc
 
 
 def replay_bag(path: str | Path, localizer: Localizer, topics: DriveTopics = DriveTopics(), use_gps: bool = True,
-               gps_max_age_s: float = 2.0, radius: float = 25.0, ks=(1, 5, 10)) -> ReplayReport:
-    """Localise every camera frame of a drive bag, with the newest valid GPS fix as a hint."""
+               gps_max_age_s: float = GPS_MAX_AGE_S, radius: float = 25.0, ks=(1, 5, 10)) -> ReplayReport:
+    """Localise every camera frame of a drive bag, with the newest valid GPS fix as a hint when it is fresh
+    (`frames.fresh_fix`, as in the node)."""
     truth = truth_positions(read_drive_bag(path, topics, decode_images=False).truth, localizer.bundle.table.zone)
     fix, frames, skipped, timings = None, [], {}, {}
     for topic, msgtype, _, raw in iter_bag(path, {topics.image, topics.compressed, topics.gps}):
@@ -96,7 +98,8 @@ def replay_bag(path: str | Path, localizer: Localizer, topics: DriveTopics = Dri
         except ImageError as exc:
             skipped[stamp] = str(exc)
             continue
-        hint = fix[:3] if use_gps and fix is not None and abs(stamp - fix[3]) <= gps_max_age_s * 1e9 else None
+        fresh = use_gps and fix is not None and fresh_fix(fix[3] * 1e-9, stamp * 1e-9, gps_max_age_s)
+        hint = fix[:3] if fresh else None
         result = localizer.localize(rgb, gps_hint=hint, stamp=stamp * 1e-9)
         for name, seconds in result.timings.items():
             timings.setdefault(name, []).append(seconds)

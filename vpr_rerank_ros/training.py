@@ -294,22 +294,30 @@ def train_schedule(train_sets: list[CandidateSet], val_sets: list[CandidateSet],
         raise ValueError("the maps were built with different descriptor models: build them all with the same "
                          "--model (a re-ranker learns one descriptor space)")
     out, dim, best = Path(out), train_sets[0].bundle.dim, {}
-    gnn_params = {"dim": dim, "K": schedule.gnn.K, **schedule.gnn_model}
     if "fc" in steps:
         torch.manual_seed(schedule.fc.seed)                       # reproducible initial weights
-        fc = build_reranker("fc", dim=dim, hidden=gnn_params.get("hidden", 512))
+        fc = build_reranker("fc", dim=dim, hidden=schedule.gnn_model.get("hidden", 512))
         log(f"step 1, fc: {count_summary(fc)}")
         best["fc"] = fc_weights = train(fc, train_sets, val_sets, schedule.fc, out / "fc", device, log,
                                           allow_worse)
     if "gnn" in steps:
-        fc = load_reranker(fc_weights)
-        torch.manual_seed(schedule.gnn.seed)
-        gnn = build_reranker("gnn", **gnn_params)
-        gnn.fc1.load_state_dict(fc.fc1.state_dict())
-        gnn.fc1.requires_grad_(False)
-        log(f"step 2, gnn: {count_summary(gnn)}, FC1 frozen from {fc_weights}")
-        best["gnn"] = train(gnn, train_sets, val_sets, schedule.gnn, out / "gnn", device, log, allow_worse)
+        best["gnn"] = train_gnn(fc_weights, train_sets, val_sets, schedule.gnn, schedule.gnn_model, out / "gnn",
+                                device, log, allow_worse)
     return best
+
+
+def train_gnn(fc_weights: str | Path, train_sets: list[CandidateSet], val_sets: list[CandidateSet],
+              settings: TrainSettings, model_params: dict, out: str | Path, device: str = "cpu",
+              log: Callable[[str], None] = print, allow_worse: bool = False) -> Path:
+    """Step 2: a GNN (`model_params`: GnnConfig fields) with the FC1 of the step-1 checkpoint `fc_weights`
+    copied in and frozen, trained by `train`; returns its best checkpoint."""
+    fc = load_reranker(fc_weights)
+    torch.manual_seed(settings.seed)
+    gnn = build_reranker("gnn", **{"dim": fc.config.dim, "hidden": fc.config.hidden, "K": settings.K, **model_params})
+    gnn.fc1.load_state_dict(fc.fc1.state_dict())
+    gnn.fc1.requires_grad_(False)
+    log(f"step 2, gnn: {count_summary(gnn)}, FC1 frozen from {fc_weights}")
+    return train(gnn, train_sets, val_sets, settings, out, device, log, allow_worse)
 
 
 def required_k(schedule: Schedule, steps: Sequence[str] = STEPS) -> int:

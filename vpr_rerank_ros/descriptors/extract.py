@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..images import ImageError, read_rgb
-from .model import GlobalDescriptor, prepare_image
+from .model import GlobalDescriptor, check_unit_rows, prepare_image
 
 log = logging.getLogger(__name__)
 
@@ -192,9 +192,5 @@ def read_descriptors(path: str | Path, keys: Sequence[str]) -> tuple[np.ndarray,
         unique, inverse = np.unique(np.array([row[k] for k in keys], np.int64), return_inverse=True)
         rows = np.asarray(data[unique] if len(unique) else np.zeros((0, data.shape[1])), np.float32)[inverse]
         identity = file.attrs.get("model_identity")
-    norms = np.linalg.norm(rows, axis=1)
-    bad = np.flatnonzero(~np.isfinite(norms) | (np.abs(norms - 1.0) > 1e-3))
-    if bad.size:
-        raise ValueError(f"{path}: descriptors must be finite and L2-normalised; {keys[bad[0]]!r} has norm "
-                         f"{norms[bad[0]]:.4f} ({bad.size} such rows)")
+    check_unit_rows(rows, "float32", f"{path}: descriptors", keys)
     return rows, (str(identity) if identity is not None else None)

@@ -156,6 +156,20 @@ class GlobalDescriptor(nn.Module):
         self._identity = None
 
 
+NORM_TOLERANCE = {"float32": 1e-3, "float16": 1e-2}   # |norm - 1| allowed for stored descriptor rows
+
+
+def check_unit_rows(rows: np.ndarray, dtype: str, source: str, labels=None) -> None:
+    """Refuse descriptor rows that are not finite or not L2-normalised within the tolerance of the type they
+    are stored in, naming `source` and the first bad row (by `labels[i]` when given)."""
+    norms = np.linalg.norm(np.asarray(rows, np.float32), axis=1)
+    bad = np.flatnonzero(~np.isfinite(norms) | (np.abs(norms - 1.0) > NORM_TOLERANCE[dtype]))
+    if bad.size:
+        first = repr(str(labels[bad[0]])) if labels is not None else f"row {bad[0]}"
+        raise ValueError(f"{source} must be finite (no NaN or inf) and L2-normalised: {first} has norm {norms[bad[0]]:.4f} "
+                         f"({bad.size} rows off by more than {NORM_TOLERANCE[dtype]})")
+
+
 def prepare_image(rgb: np.ndarray, max_side: int) -> torch.Tensor:
     """(H, W, 3) uint8 RGB -> (3, H', W') float tensor in [0, 1], the longer side at most `max_side`."""
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
