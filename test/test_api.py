@@ -22,7 +22,10 @@ def test_each_subpackage_says_what_a_user_imports(package):
 
 def test_eval_config_is_the_comparison_set():
     entries = yaml.safe_load((REPO / "config" / "eval_rerankers.yaml").read_text())
-    assert [(e.pop("name"), e) for e in map(dict, entries)] == [(name, dict(params)) for name, params in COMPARED]
+    def settings(name: str, params: dict) -> tuple[str, dict]:
+        return name, {**reranker_defaults(name), **params}
+
+    assert [settings(e.pop("name"), e) for e in map(dict, entries)] == [settings(n, p) for n, p in COMPARED]
     assert [name for name, _ in COMPARED] == list(available_rerankers(learned=False))
     for name, params in COMPARED:
         build_reranker(name, **params)
