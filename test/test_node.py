@@ -78,6 +78,23 @@ def test_bad_start_up_exits_non_zero_with_a_clear_message(tmp_path):
     assert f"vpr_localizer: {tmp_path / 'no_map'}: no such map directory" in node.log()
 
 
+def test_an_untrained_learned_reranker_is_refused_unless_allowed(synthetic_map, tmp_path):
+    from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
+
+    bundle = synthetic_map[1].bundle
+    small = f"{{dim: {bundle.dim}, K: 20, L: 10, width: 48, heads: 4, mlp: 96}}"
+    common = dict(map_path=str(bundle.root), top_k=20, reranker="gnn", reranker_params=small)
+    refused = NodeProcess(write_params(tmp_path / "refused.yaml", **common), tmp_path)
+    assert refused.process.wait(timeout=120) == 1
+    assert "re-ranker gnn has NO TRAINED WEIGHTS" in refused.log() and "allow_untrained: true" in refused.log()
+    with running_node(write_params(tmp_path / "allowed.yaml", **common, allow_untrained=True), tmp_path) as (node, client):
+        diagnostics = client.collect(DiagnosticArray, "/diagnostics", 10)
+        assert client.spin_until(lambda: len(diagnostics) >= 2, timeout=120), node.log()
+        assert all(d.status[0].level == DiagnosticStatus.WARN and "NO TRAINED WEIGHTS" in d.status[0].message
+                   for d in diagnostics)
+    assert node.log().count("NO TRAINED WEIGHTS") >= 3              # at start-up and at every period
+
+
 def test_parameters_are_read_only_unless_they_change_at_run_time():
     from vpr_rerank_ros.node import PARAMETERS, parameter_descriptor
     from vpr_rerank_ros.rerank import available_rerankers

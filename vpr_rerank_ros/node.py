@@ -73,6 +73,7 @@ PARAMETERS = {  # name: (default, description); every one is documented in confi
     "rate_hz": (10.0, "how often the newest frame is processed, at most"),
     "device": ("auto", "cuda, cpu or auto"),
     "publish_matches": (False, "publish ~/matches markers at the top matches"),
+    "allow_untrained": (False, "run a learned re-ranker without trained weights (warned at every diagnostics period)"),
 }
 RUN_TIME = ("reranker", "reranker_params", "top_k", "pose_matches", "publish_matches")   # the rest are read-only
 RANGES = {"top_k": (1, INT_MAX), "pose_matches": (1, INT_MAX), "rate_hz": (POSITIVE, math.inf),
@@ -200,15 +201,18 @@ class LocalizerNode(Node):
         model = map_model(bundle, self.p["model_path"] or None)
         localizer = Localizer(bundle, model, self.p["reranker"], self._settings(self.p, len(bundle)),
                               reranker_params(self.p["reranker_params"]))
-        self._report_untrained(localizer.reranker)
+        self._check_trained(localizer.reranker)
         lat, lon = self.p["datum_lat"], self.p["datum_lon"]
         if not (math.isfinite(lat) and math.isfinite(lon)):
             lat, lon = float(np.mean(bundle.table.lat)), float(np.mean(bundle.table.lon))
         return localizer, EnuFrame(lat, lon)
 
-    def _report_untrained(self, reranker: Reranker) -> None:
-        """An error in the log when a learned re-ranker has no trained weights (its ranking is meaningless)."""
+    def _check_trained(self, reranker: Reranker) -> None:
+        """Refuse a learned re-ranker without trained weights (its ranking is meaningless) unless allow_untrained
+        says otherwise; then it is logged as an error."""
         warning = reranker.untrained_warning()
+        if warning and not self.p["allow_untrained"]:
+            raise ValueError(f"{warning}; set the parameter allow_untrained: true to run it anyway")
         if warning:
             self.get_logger().error(warning)
 
@@ -362,6 +366,10 @@ class LocalizerNode(Node):
         status = DiagnosticStatus(name=STATUS_NAME, hardware_id=str(localizer.device))
         status.level = DiagnosticStatus.OK if stats["processed"] else DiagnosticStatus.WARN
         status.message = "localising" if stats["processed"] else "waiting for images"
+        untrained = localizer.reranker.untrained_warning()
+        if untrained:   # only with allow_untrained: loud at every period
+            status.level, status.message = DiagnosticStatus.WARN, untrained
+            self.get_logger().warning(untrained)
         values = {"map_images": len(localizer.bundle), "reranker": localizer.reranker.name,
                   "image_conversion": self.conversion, **{k: stats[k] for k in COUNTERS},
                   "received_hz": f"{(stats['received'] - received) / (now - since):.2f}",
@@ -414,6 +422,7 @@ class LocalizerNode(Node):
             if changed.keys() & {"reranker", "reranker_params"}:
                 reranker = build_reranker(new["reranker"], **reranker_params(new["reranker_params"]))
                 self.localizer.bundle.check_reranker(reranker)
+                self._check_trained(reranker)
         except ValueError as exc:
             return SetParametersResult(successful=False, reason=str(exc))
         self.p = new
@@ -436,7 +445,6 @@ class LocalizerNode(Node):
         with self.pipeline:
             localizer.use_reranker(prepared)
         self.get_logger().info(f"re-ranker {prepared.name} swapped in")
-        self._report_untrained(prepared)
 
     def _apply_settings(self) -> None:
         """Reconfiguration thread: the current top_k and pose_matches, from the next frame on."""
