@@ -10,11 +10,9 @@ from PIL.TiffImagePlugin import IFDRational
 from vpr_rerank_ros.cli import map_main
 from vpr_rerank_ros.datasets import geotagged
 from vpr_rerank_ros.datasets.msls import load_city, positives
-from vpr_rerank_ros.datasets.synth_town import SynthConfig, generate
-from vpr_rerank_ros.datasets.town import TownConfig
 from vpr_rerank_ros.descriptors.model import save_model
 from vpr_rerank_ros.geo import latlon_to_utm, meridian_convergence_deg
-from vpr_rerank_ros.mapbuild import build_map, map_model
+from vpr_rerank_ros.mapbuild import map_model
 from vpr_rerank_ros.mapdb import MapBundle
 from vpr_rerank_ros.evaluation import evaluate_queries
 

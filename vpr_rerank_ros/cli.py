@@ -122,7 +122,6 @@ def _map_build(args) -> int:
 
 def _map_query(args) -> int:
     import csv
-    from pathlib import Path
 
     from .datasets.geotagged import list_images
     from .mapbuild import map_model, query_images
@@ -298,8 +297,6 @@ def _evaluate(args) -> int:
 def replay_main(argv: list[str] | None = None) -> int:
     """`vpr-replay BAG --map MAP`: localise a drive bag and score it against its ground truth, offline through
     the Localizer or, with --live, by playing it onto ROS topics with /clock to a running vpr_localizer node."""
-    import csv
-
     parser = argparse.ArgumentParser(prog="vpr-replay", description=replay_main.__doc__.split(":", 1)[1].strip())
     parser.add_argument("bag", help="ROS 2 bag directory (MCAP or SQLite) with camera, GPS and ground truth")
     parser.add_argument("--map", required=True, help="map directory")
