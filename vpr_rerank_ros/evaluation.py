@@ -113,8 +113,9 @@ def compare_rerankers(bundle: MapBundle, run: RetrievalRun, specs: list[tuple[st
     built = [(name, params, build_reranker(name, **params)) for name, params in specs]
     for _, _, reranker in built:          # every re-ranker is refused or warned about before any runs
         bundle.check_reranker(reranker)
-        if reranker.untrained_warning():
-            warn(f"WARNING: {reranker.untrained_warning()}")
+        untrained = reranker.untrained_warning()
+        if untrained:
+            warn(f"WARNING: {untrained}")
     rows = [Comparison(name, params, *rerank_run(bundle, run, reranker.to(device).eval(), device=device))
             for name, params, reranker in built]
     if grid:

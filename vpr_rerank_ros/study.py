@@ -149,21 +149,17 @@ def _evaluate(maps: dict, town: Path, cities: list[str], model, weights: dict, k
     specs = [*COMPARED, *(("fc" if name == "fc" else "gnn", {"weights": str(path)}) for name, path in weights.items())]
     labels = [name for name, _ in COMPARED] + list(weights)
     ranked, positives = {label: [] for label in labels}, []
+    starts = dict(zip(maps, np.cumsum([0] + [len(bundle) for bundle in maps.values()])))
     for city in cities:
         run = evaluate_queries(maps[city], model, load_side(town, city, "query"), k=k)
+        offset = starts[city]                                       # map rows made unique across cities
         for label, row in zip(labels, compare_rerankers(maps[city], run, specs, log=log, warn=log)):
-            ranked[label].append(row.ranked + _offset(maps, city))   # ids made unique across cities
-        positives += [p + _offset(maps, city) for p in run.positives]
+            ranked[label].append(row.ranked + offset)
+        positives += [p + offset for p in run.positives]
         log(f"{city}: {run.metrics['queries']} test queries with positives")
     return [Comparison(label, {}, np.concatenate(ranked[label]),
                        retrieval_metrics(np.concatenate(ranked[label]), positives, ks=ks_up_to(k)))
             for label in labels]
-
-
-def _offset(maps: dict, city: str) -> int:
-    """Map rows of `city` shifted past every earlier city's, so pooled rankings never confuse two cities."""
-    names = list(maps)
-    return sum(len(maps[name]) for name in names[:names.index(city)])
 
 
 def _write(out: Path, rows: list[Comparison], seed: int, config: StudyConfig, timings: dict) -> Path:
