@@ -1,19 +1,24 @@
 """NetVLAD descriptors: the layer's invariants, the three weight formats against reference forwards written
 here from the format descriptions, extraction (batching, failures, resumable store) and the offline default."""
+import os
+import subprocess
+import sys
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 import scipy.io
 import torch
 import torch.nn.functional as F
 
-from vpr_rerank_ros.cli import weights_main
+from vpr_rerank_ros.cli import map_main, weights_main
 from vpr_rerank_ros.descriptors.backbones import EfficientNetLite0, imagenet_lite0_weights
-from vpr_rerank_ros.descriptors.extract import DescriptorExtractor, DescriptorStore
+from vpr_rerank_ros.descriptors.extract import DescriptorExtractor, DescriptorStore, read_descriptors
 from vpr_rerank_ros.descriptors.loaders import load_matconvnet, load_model, load_pytorch_netvlad
 from vpr_rerank_ros.descriptors.model import (IMAGENET_MEAN, IMAGENET_STD, DescriptorConfig, GlobalDescriptor,
-                                              NetVLAD, load_native)
+                                              NetVLAD, load_native, save_model)
+from vpr_rerank_ros.descriptors.sharded import parts_folder
 
 VGG_CONVS = [(3, 64), (64, 64), "M", (64, 128), (128, 128), "M", (128, 256), (256, 256), (256, 256), "M",
              (256, 512), (512, 512), (512, 512), "M", (512, 512), (512, 512), (512, 512)]
@@ -282,3 +287,40 @@ def test_cuda_extraction_matches_cpu(tmp_path):
     cpu = DescriptorExtractor(small_model(), "cpu").describe_files(items)
     gpu = DescriptorExtractor(small_model(), "cuda", fp16=False).describe_files(items)
     assert np.allclose(cpu.descriptors, gpu.descriptors, atol=1e-4)
+
+
+def test_sharded_description_over_two_processes_merges_into_one_file_and_resumes(tmp_path, capsys):
+    """`vpr-map describe` under torchrun (2 CPU processes, gloo): each rank describes its shard, rank 0 merges;
+    the file equals the one-process file. A job killed midway resumes from its part, keeping what it holds."""
+    items = write_images(tmp_path / "imgs", 9)
+    model = small_model()
+    save_model(model, tmp_path / "tiny.safetensors")
+    args = ["describe", "--images", str(tmp_path / "imgs"), "--model", str(tmp_path / "tiny.safetensors"),
+            "--device", "cpu"]
+    keys = [key for key, _ in items]
+    assert map_main([*args, "--out", str(tmp_path / "one.h5")]) == 0
+    one, identity = read_descriptors(tmp_path / "one.h5", keys)
+    assert identity == model.identity and not (tmp_path / "one.h5.parts").exists()
+    vpr_map = Path(sys.executable).with_name("vpr-map")
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          str(vpr_map), *args, "--out", str(tmp_path / "two.h5")],
+                         env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "descriptors of 9 images by 2 process(es)" in two.stdout
+    assert np.allclose(read_descriptors(tmp_path / "two.h5", keys)[0], one, atol=1e-5)
+    assert not (tmp_path / "two.h5.parts").exists()
+    with h5py.File(tmp_path / "two.h5") as merged:
+        assert sorted(merged["keys"].asstr()[:]) == sorted(keys)             # each image once
+    # A killed one-process job: its part already holds im04 (here with a marker row, to see it is kept).
+    marker = np.zeros((1, model.output_dim), np.float32)
+    marker[0, 0] = 1.0
+    parts_folder(tmp_path / "three.h5").mkdir()
+    with DescriptorStore(parts_folder(tmp_path / "three.h5") / "rank-0-of-1.h5", model.identity,
+                         model.output_dim) as part:
+        part.append(["im04"], marker)
+    (tmp_path / "three.h5.partial").write_bytes(b"half a merge")
+    assert map_main([*args, "--out", str(tmp_path / "three.h5")]) == 0
+    three, _ = read_descriptors(tmp_path / "three.h5", keys)
+    assert np.array_equal(three[4], marker[0]) and np.allclose(np.delete(three, 4, 0), np.delete(one, 4, 0), atol=1e-6)
+    assert map_main([*args, "--out", str(tmp_path / "three.h5")]) == 1
+    assert "three.h5 exists: it is a complete descriptor file" in capsys.readouterr().err

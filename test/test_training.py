@@ -2,6 +2,10 @@
 checkpoints and choice, and vpr-train's two steps on the synthetic town."""
 import csv
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -273,3 +277,57 @@ def test_the_gnn_learns_planted_clusters_from_positional_affinity(tmp_path):
           f"{trained:.3f}, gnn without positional affinity {scores[False][0]:.3f} -> {scores[False][1]:.3f}")
     assert trained >= 0.5 and trained > untrained + 0.2
     assert scores[False][1] < trained - 0.15
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_training_resumes_after_the_last_complete_epoch_with_the_same_weights(tmp_path):
+    """A run killed after epoch 2 and started again ends with exactly the weights of an uninterrupted run
+    (optimiser, schedule, batch order and dropout continue where they stopped)."""
+    train_set, val_set = planted_clusters(tmp_path, 60, seed=3), planted_clusters(tmp_path, 20, seed=4)
+    settings = TrainSettings(epochs=3, K=30, lr=1e-3, batch_size=16)
+
+    def model():
+        torch.manual_seed(0)
+        return build_reranker("gnn", dim=32, hidden=32, K=30, L=10, width=32, heads=4, mlp=64, dropout=0.2)
+
+    whole = train(model(), [train_set], [val_set], settings, tmp_path / "whole", log=lambda _: None, allow_worse=True)
+
+    def stop_after_epoch_2(line):
+        if line.startswith("epoch 2/3"):
+            raise Interrupted
+    with pytest.raises(Interrupted):
+        train(model(), [train_set], [val_set], settings, tmp_path / "cut", log=stop_after_epoch_2, allow_worse=True)
+    assert not (tmp_path / "cut" / "epoch_03.safetensors").exists()
+    (tmp_path / "cut" / "last.pt.partial").write_bytes(b"a state half written when the process was killed")
+    lines = []
+    resumed = train(model(), [train_set], [val_set], settings, tmp_path / "cut", log=lines.append, allow_worse=True)
+    assert lines[0] == f"resuming after epoch 2/3 from {tmp_path / 'cut' / 'last.pt'}"
+    for name in ("epoch_03.safetensors", "best.safetensors"):
+        expected, got = load_file(str(tmp_path / "whole" / name)), load_file(str(tmp_path / "cut" / name))
+        assert all(torch.equal(expected[k], got[k]) for k in expected), name
+    assert open(tmp_path / "whole" / "log.csv").read().count("\n") == open(tmp_path / "cut" / "log.csv").read().count("\n")
+    assert resumed.name == whole.name
+    with pytest.raises(ValueError, match="last.pt: the state of a training with other settings"):
+        train(model(), [train_set], [val_set], TrainSettings(epochs=4, K=30), tmp_path / "cut", log=lambda _: None)
+
+
+def test_two_processes_under_torchrun_train_the_same_weights_as_one(tmp_path):
+    """DistributedDataParallel over 2 CPU processes (gloo), same global batch: the weights of every epoch
+    match the one-process run's within float tolerance (without dropout, whose masks differ by rank)."""
+    script = Path(__file__).with_name("ddp_train.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, str(script), str(tmp_path / "one")], check=True, env=env, capture_output=True)
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          str(script), str(tmp_path / "two")], env=env, capture_output=True, text=True)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "epoch 2/2" in two.stdout
+    for name in ("fc/epoch_01", "fc/epoch_02", "gnn/epoch_01", "gnn/epoch_02"):
+        one_weights = load_file(str(tmp_path / "one" / f"{name}.safetensors"))
+        two_weights = load_file(str(tmp_path / "two" / f"{name}.safetensors"))
+        assert one_weights.keys() == two_weights.keys()
+        for key, tensor in one_weights.items():
+            assert torch.allclose(tensor, two_weights[key], atol=1e-5, rtol=1e-4), f"{name} {key}"
+    assert not any((tmp_path / "two" / "fc").glob("*.partial"))

@@ -54,6 +54,16 @@ def map_main(argv: list[str] | None = None) -> int:
     build.add_argument("--dtype", choices=("float32", "float16"), default="float32", help="stored descriptor type")
     build.add_argument("--descriptors", help="HDF5 of precomputed descriptors keyed by image key (datasets keys, "
                                              "descriptors) to use instead of describing the images")
+    describe = sub.add_parser("describe", help="describe many images into one HDF5 file (sharded over the "
+                                               "processes of a torchrun job, resumable)")
+    describe.add_argument("--out", required=True, help="HDF5 file to write (keys, descriptors)")
+    source = describe.add_mutually_exclusive_group(required=True)
+    source.add_argument("--msls", help="MSLS root: the --sides of --cities")
+    source.add_argument("--images", help="folder of images (key: file name without suffix)")
+    source.add_argument("--csv", help="CSV as for build")
+    describe.add_argument("--cities", help="with --msls: comma-separated cities, train/val, or all (default)")
+    describe.add_argument("--sides", default="database,query", help="with --msls: database, query or both (default)")
+    _model_options(describe, "descriptor weights (required: every process must use the same model)")
     query = sub.add_parser("query", help="retrieve the top-k map images for a folder of query images")
     query.add_argument("map", help="map directory")
     query.add_argument("--images", required=True, help="folder of query images")
@@ -61,7 +71,8 @@ def map_main(argv: list[str] | None = None) -> int:
     query.add_argument("--out", required=True, help="CSV to write")
     _model_options(query, "descriptor weights; default: the model stored in the map")
     args = parser.parse_args(argv)
-    commands = {"build": _map_build, "query": _map_query, "info": _map_info, "verify": _map_info}
+    commands = {"build": _map_build, "describe": _map_describe, "query": _map_query, "info": _map_info,
+                "verify": _map_info}
     return report_user_errors("vpr-map", lambda: commands[args.command](args))
 
 
@@ -117,6 +128,37 @@ def _map_build(args) -> int:
     meta = report.bundle.meta
     print(f"{args.out}: {len(report.bundle)} images, {meta.descriptor.dim}-D {meta.descriptor.name} descriptors, "
           f"UTM {meta.zone}, {meta.overlap_pairs} overlapping pairs")
+    return 0
+
+
+def _map_describe(args) -> int:
+    from .datasets import geotagged
+    from .datasets.msls import load_side, resolve_cities
+    from .descriptors.loaders import load_model
+    from .descriptors.sharded import describe_sharded
+    from .distributed import workers
+
+    if not args.model:
+        raise ValueError("describe needs --model: the offline default is fitted per map, and every process of "
+                         "the job must describe with the same weights")
+    if args.msls:
+        sides = [side for side in args.sides.split(",") if side]
+        if not sides or set(sides) - {"database", "query"}:
+            raise ValueError(f"--sides takes database, query or both, got {args.sides!r}")
+        loaded = [load_side(args.msls, city, side) for city in resolve_cities(args.msls, args.cities) for side in sides]
+        items = [(key, str(path)) for side in loaded for key, path in zip(side.keys, side.image_paths())]
+    elif args.csv:
+        items = geotagged.from_csv(args.csv).items
+    else:
+        items = [(path.stem, str(path)) for path in geotagged.list_images(args.images)]
+    here = workers(args.device)
+    failed = describe_sharded(items, load_model(args.model), args.out, here, here.device(args.device),
+                              args.batch_size, args.workers, progress=True)
+    for key, reason in failed.items():
+        print(f"skipped {key}: {reason}", file=sys.stderr)
+    if here.main:
+        print(f"{args.out}: descriptors of {len(items)} images by {here.world} process(es)"
+              f"{f', {len(failed)} unreadable on rank 0' if failed else ''}")
     return 0
 
 
@@ -412,17 +454,19 @@ def _train(args, steps: tuple[str, ...]) -> int:
 
     import yaml
 
-    from .descriptors.extract import pick_device
+    from .distributed import workers
     from .training import Schedule, load_candidate_sets, required_k, train_schedule
 
     schedule = Schedule.from_overrides(yaml.safe_load(Path(args.config).read_text()) if args.config else None)
-    device = str(pick_device(None if args.device == "auto" else args.device))
+    here = workers(args.device)                       # this process's rank under torchrun (or the only one)
+    device = here.device(args.device)
+    log = print if here.main else (lambda _: None)
     k = required_k(schedule, steps)
     common = {"min_overlap": schedule.min_overlap, "model_weights": args.model, "descriptor_file": args.descriptors,
-              "device": device}
+              "device": device, "log": log}
     train_sets = load_candidate_sets(args.msls, args.train, k, **common)
     val_sets = load_candidate_sets(args.msls, args.val, k, **common)
-    train_schedule(train_sets, val_sets, schedule, args.out, steps, args.fc_weights, device,
+    train_schedule(train_sets, val_sets, schedule, args.out, steps, args.fc_weights, device, log,
                    allow_worse=args.allow_worse)
     return 0
 

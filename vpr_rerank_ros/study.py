@@ -28,9 +28,9 @@ from .evaluation import Comparison, compare_rerankers, evaluate_queries
 from .mapbuild import build_map
 from .mapdb import MapBundle
 from .metrics import RESULT_COLUMNS, ks_up_to, retrieval_metrics
-from .rerank import COMPARED, build_reranker
+from .rerank import COMPARED
 from .rerank.learned import count_summary
-from .training import CandidateSet, TrainSettings, candidate_set, train, train_gnn
+from .training import CandidateSet, TrainSettings, candidate_set, initial_fc, train, train_gnn
 
 # The learned rows: name -> GnnConfig fields of the step-2 model (fc is step 1 itself).
 LEARNED = {"gnn": {"positional": False}, "gnn+pa": {"positional": True},
@@ -127,10 +127,7 @@ def _train_all(runs: Path, train_sets: list[CandidateSet], val_sets: list[Candid
     common = {"K": config.K, "lr": config.lr, "batch_size": config.batch_size, "seed": seed}
     weights = {"fc": runs / "fc" / "best.safetensors"}
     if not weights["fc"].exists():
-        import torch
-
-        torch.manual_seed(seed)
-        fc = build_reranker("fc", dim=train_sets[0].bundle.dim)
+        fc = initial_fc(train_sets)
         log(f"fc: {count_summary(fc)}")
         train(fc, train_sets, val_sets, TrainSettings(epochs=config.fc_epochs, **common), runs / "fc", log=log,
               allow_worse=True)

@@ -4,15 +4,17 @@ mAP@10, and the thesis's two-step schedule (FC1 alone, then the GNN with FC1 fro
 from __future__ import annotations
 
 import csv
+import os
 import shutil
 import time
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
+from . import distributed
 from .datasets.msls import MslsSide, load_side
 from .evaluation import RetrievalRun, evaluate_queries, rerank_run
 from .geo import fov_overlap
@@ -89,6 +91,7 @@ class TrainSettings:
     batch_size: int = 32
     bins: int = 20             # not given in the thesis: our choice
     seed: int = 0
+    mixed_precision: bool = True   # bfloat16 autocast on CUDA (the loss in float32); no effect on the CPU
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.K < 2 or self.batch_size < 1 or not self.lr > 0 or not 0 < self.lr_decay <= 1:
@@ -179,13 +182,22 @@ def _check_finite(model: LearnedReranker, loss: torch.Tensor, epoch: int, batch:
 
 def train(model: LearnedReranker, train_sets: list[CandidateSet], val_sets: list[CandidateSet],
           settings: TrainSettings, out: str | Path, device: str = "cpu",
-          log: Callable[[str], None] = print, allow_worse: bool = False) -> Path:
+          log: Callable[[str], None] = print, allow_worse: bool = False,
+          workers: distributed.Workers | None = None) -> Path:
     """Train the parameters of `model` that require gradients with Adam and `ap_loss`; score the initial model
     and every epoch on `val_sets` (mAP@10), writing `epoch_NN.safetensors`; copy the best epoch to
     `best.safetensors` and return its path. `log.csv` records loss, learning rate, validation mAP@10 and
     time per epoch (epoch 0: the initial model). A non-finite loss or parameter stops training with an error
     naming the epoch and batch. When no epoch beats the retrieval order on validation, no `best` is written and
-    a ValueError says so, unless `allow_worse`."""
+    a ValueError says so, unless `allow_worse`.
+
+    After every epoch the loop's whole state goes atomically to `last.pt`: started again on the same `out` with
+    the same settings, training resumes after the last complete epoch and ends with the weights of an
+    uninterrupted run. Under torchrun (`workers`, default: from the environment) the model is wrapped in
+    DistributedDataParallel and each rank takes its share of every batch, weighted so that the gradient is the
+    whole batch's; rank 0 validates and writes."""
+    workers = workers or distributed.workers(device)
+    log = log if workers.main else _silent
     if not train_sets or not val_sets:
         raise ValueError("training needs at least one training and one validation candidate set")
     out = Path(out)
@@ -204,13 +216,31 @@ def train(model: LearnedReranker, train_sets: list[CandidateSet], val_sets: list
     schedule = torch.optim.lr_scheduler.ExponentialLR(optimiser, gamma=settings.lr_decay)
     rng = np.random.default_rng(settings.seed)
     torch.manual_seed(settings.seed)
-    initial, baseline = validation_map10(model, val_sets, settings.K, device), retrieval_map10(val_sets, settings.K)
-    rows_log = [{"epoch": 0, "loss": float("nan"), "lr": float("nan"), "val_map@10": initial, "seconds": 0.0}]
-    log(f"epoch 0/{settings.epochs} (initial model): val mAP@10 {100 * initial:.2f} (retrieval order "
-        f"{100 * baseline:.2f})")
-    best, best_map = None, -1.0
-    for epoch in range(1, settings.epochs + 1):
-        start, losses = time.monotonic(), []
+    baseline = retrieval_map10(val_sets, settings.K)
+    run_id = {"settings": asdict(settings), "model": asdict(model.config),
+              "queries": [list(data.relevant.shape) for data in train_sets + val_sets]}
+    state = _read_state(out / STATE, run_id)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimiser.load_state_dict(state["optimiser"])
+        schedule.load_state_dict(state["schedule"])
+        rng.bit_generator.state = state["numpy_rng"]
+        torch.set_rng_state(state["torch_rng"])
+        if "cuda_rng" in state and torch.device(device).type == "cuda":
+            torch.cuda.set_rng_state(state["cuda_rng"], device)
+        rows_log, best_map = state["log"], state["best_map"]
+        best = out / state["best"] if state["best"] else None
+        log(f"resuming after epoch {len(rows_log) - 1}/{settings.epochs} from {out / STATE}")
+    net = _parallel(model, workers, device)          # before rank 0's validation fills its inference caches
+    if state is None:
+        initial = workers.broadcast(validation_map10(model, val_sets, settings.K, device) if workers.main else None)
+        rows_log = [{"epoch": 0, "loss": float("nan"), "lr": float("nan"), "val_map@10": initial, "seconds": 0.0}]
+        best, best_map = None, -1.0
+        log(f"epoch 0/{settings.epochs} (initial model): val mAP@10 {100 * initial:.2f} (retrieval order "
+            f"{100 * baseline:.2f})")
+    autocast = torch.autocast("cuda", torch.bfloat16, enabled=settings.mixed_precision and "cuda" in device)
+    for epoch in range(len(rows_log), settings.epochs + 1):
+        start, loss_sum = time.monotonic(), 0.0
         model.train()
         batches = [(i, chunk) for i, data in enumerate(train_sets)
                    for chunk in np.array_split(rng.permutation(data.trainable(settings.K)),
@@ -218,38 +248,116 @@ def train(model: LearnedReranker, train_sets: list[CandidateSet], val_sets: list
                    if len(chunk)]
         for number, i in enumerate(rng.permutation(len(batches)), start=1):
             index, rows = batches[i]
-            inputs, labels = _batch(train_sets[index], np.sort(rows), settings.K, model, device)
-            loss = ap_loss(model(inputs), labels, settings.bins)
+            rows = np.sort(rows)
+            mine = rows[workers.rank::workers.world]
+            # ap_loss is this rank's mean; scaled by its share of the batch (x world, as DDP averages the
+            # ranks' gradients) the step is that of the whole batch. A rank left without rows runs one with
+            # weight 0 (DDP needs every rank's backward).
+            weight = len(mine) * workers.world / len(rows)
+            inputs, labels = _batch(train_sets[index], mine if len(mine) else rows[:1], settings.K, model, device)
+            with autocast:
+                scores = net(inputs)
+            loss = ap_loss(scores.float(), labels, settings.bins) * weight
             _check_finite(model, loss, epoch, number)
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()
             _check_finite(model, loss, epoch, number)
-            losses.append(loss.item())
+            loss_sum += loss.item()
         lr = optimiser.param_groups[0]["lr"]
         schedule.step()
-        path = save_reranker(model, out / f"epoch_{epoch:02d}.safetensors")
-        score = validation_map10(model, val_sets, settings.K, device)
-        row = {"epoch": epoch, "loss": float(np.mean(losses)), "lr": lr, "val_map@10": score,
-               "seconds": time.monotonic() - start}
+        path = out / f"epoch_{epoch:02d}.safetensors"
+        score = None
+        if workers.main:
+            save_reranker(model, path)
+            score = validation_map10(model, val_sets, settings.K, device)
+        score = workers.broadcast(score)
+        row = {"epoch": epoch, "loss": workers.sum(loss_sum) / (workers.world * len(batches)), "lr": lr,
+               "val_map@10": score, "seconds": time.monotonic() - start}
         rows_log.append(row)
-        log(f"epoch {epoch}/{settings.epochs}: loss {row['loss']:.4f}, lr {lr:.3g}, val mAP@10 {100 * score:.2f}, "
-            f"{row['seconds']:.0f} s")
         if score > best_map:
             best, best_map = path, score
-    with open(out / "log.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows_log[0]))
-        writer.writeheader()
-        writer.writerows(rows_log)
+        if workers.main:
+            _write_state(out / STATE, run_id, model, optimiser, schedule, rng, device, rows_log, best, best_map)
+        workers.barrier()
+        log(f"epoch {epoch}/{settings.epochs}: loss {row['loss']:.4f}, lr {lr:.3g}, val mAP@10 {100 * score:.2f}, "
+            f"{row['seconds']:.0f} s")
+    if workers.main:
+        _keep_best(out, rows_log, best, best_map, baseline, allow_worse, log)
+    workers.barrier()                                 # the other ranks go on once best.safetensors is there
+    return out / "best.safetensors"
+
+
+def _keep_best(out: Path, rows_log: list[dict], best: Path, best_map: float, baseline: float, allow_worse: bool,
+               log: Callable[[str], None]) -> None:
+    """Write log.csv and copy the best epoch to best.safetensors (atomically), unless it is worse than the
+    retrieval order and that is not allowed."""
+    _write_log(out / "log.csv", rows_log)
     if best_map < baseline and not allow_worse:
         raise ValueError(f"no epoch beat the retrieval order on validation (best {best.name}: mAP@10 "
                          f"{100 * best_map:.2f} < {100 * baseline:.2f}); best.safetensors not written (the epochs "
                          f"are in {out}; allow_worse / --allow-worse keeps the best of them anyway)")
     for suffix in (".safetensors", ".json"):
-        shutil.copyfile(best.with_suffix(suffix), out / f"best{suffix}")
-    log(f"best: {best.name} (val mAP@10 {100 * best_map:.2f}, initial {100 * initial:.2f}) -> "
+        shutil.copyfile(best.with_suffix(suffix), out / f"best{suffix}.partial")
+        os.replace(out / f"best{suffix}.partial", out / f"best{suffix}")
+    log(f"best: {best.name} (val mAP@10 {100 * best_map:.2f}, initial {100 * rows_log[0]['val_map@10']:.2f}) -> "
         f"{out / 'best.safetensors'}")
-    return out / "best.safetensors"
+
+
+STATE = "last.pt"   # the epoch loop's state after its last complete epoch (see `train`)
+
+
+def _silent(_: str) -> None:
+    """The log of ranks other than 0."""
+
+
+def _parallel(model: LearnedReranker, workers: distributed.Workers, device: str) -> torch.nn.Module:
+    """`model` itself for one process, else wrapped in DistributedDataParallel (no buffers to broadcast: the
+    learned re-rankers' buffers are inference caches)."""
+    if workers.world == 1:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    cuda = torch.device(device).type == "cuda"
+    return DistributedDataParallel(model, device_ids=[torch.device(device).index] if cuda else None,
+                                   forward_sync_buffers=False,
+                                   find_unused_parameters=model.config.variant == "csa")  # its head: CSA loss only
+
+
+def _write_state(path: Path, run_id: dict, model, optimiser, schedule, rng, device: str, rows_log: list,
+                 best: Path | None, best_map: float) -> None:
+    """Everything the loop needs to continue, written to a temporary file and renamed over `path`: a kill
+    leaves either the previous epoch's state or this one's, never half of one."""
+    state = {"run": run_id, "model": model.state_dict(),
+             "optimiser": optimiser.state_dict(), "schedule": schedule.state_dict(),
+             "numpy_rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
+             "log": rows_log, "best": best.name if best else None, "best_map": best_map}
+    if torch.device(device).type == "cuda":
+        state["cuda_rng"] = torch.cuda.get_rng_state(device)
+    partial = path.with_name(path.name + ".partial")
+    torch.save(state, partial)
+    os.replace(partial, path)
+
+
+def _read_state(path: Path, run_id: dict) -> dict | None:
+    """The state of an interrupted run of the same training in `path`, or None when there is none."""
+    if not path.exists():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a file torch cannot read: say which, do not guess
+        raise ValueError(f"{path}: cannot read the training state ({exc}); delete it to start afresh") from exc
+    if state.get("run") != run_id:
+        raise ValueError(f"{path}: the state of a training with other settings, model or data; use another output "
+                         f"folder (or delete {path.name} to start afresh)")
+    return state
+
+
+def _write_log(path: Path, rows: list[dict]) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 def load_candidate_sets(msls_root: str | Path, cities: Sequence[tuple[str, str | Path]], k: int,
@@ -293,17 +401,40 @@ def train_schedule(train_sets: list[CandidateSet], val_sets: list[CandidateSet],
     if len({data.bundle.meta.descriptor.identity or data.bundle.dim for data in train_sets + val_sets}) > 1:
         raise ValueError("the maps were built with different descriptor models: build them all with the same "
                          "--model (a re-ranker learns one descriptor space)")
-    out, dim, best = Path(out), train_sets[0].bundle.dim, {}
+    out, best = Path(out), {}
     if "fc" in steps:
-        torch.manual_seed(schedule.fc.seed)                       # reproducible initial weights
-        fc = build_reranker("fc", dim=dim, hidden=schedule.gnn_model.get("hidden", 512))
-        log(f"step 1, fc: {count_summary(fc)}")
+        fc = initial_fc(train_sets, schedule.gnn_model.get("hidden", 512))
+        log(f"step 1, fc: {count_summary(fc)}, FC1 from the training maps' principal directions")
         best["fc"] = fc_weights = train(fc, train_sets, val_sets, schedule.fc, out / "fc", device, log,
                                           allow_worse)
     if "gnn" in steps:
         best["gnn"] = train_gnn(fc_weights, train_sets, val_sets, schedule.gnn, schedule.gnn_model, out / "gnn",
                                 device, log, allow_worse)
     return best
+
+
+def initial_fc(train_sets: list[CandidateSet], hidden: int = 512, sample: int = 100_000) -> LearnedReranker:
+    """The `fc` model before step 1: FC1 projects onto the `hidden` leading principal directions (uncentred,
+    as cosine retrieval sees them) of up to `sample` of the training maps' descriptors, without bias. Training
+    then starts near the retrieval's own geometry; from a random projection it started far below it and, on
+    the synthetic study, never caught up (docs/training.md)."""
+    dim = train_sets[0].bundle.dim
+    moment, count = np.zeros((dim, dim)), 0
+    for data in train_sets:
+        descriptors = data.bundle.descriptors
+        step = max(1, -(-len(train_sets) * len(descriptors) // sample))
+        rows = np.asarray(descriptors[::step], np.float64)
+        moment += rows.T @ rows
+        count += len(rows)
+    _, vectors = np.linalg.eigh(moment / max(count, 1))                # ascending eigenvalues
+    weight = np.zeros((hidden, dim))
+    leading = vectors[:, ::-1][:, :hidden].T
+    weight[:len(leading)] = leading                                     # rows beyond dim (hidden > dim) stay 0
+    fc = build_reranker("fc", dim=dim, hidden=hidden)
+    with torch.no_grad():
+        fc.fc1.weight.copy_(torch.from_numpy(weight))
+        fc.fc1.bias.zero_()
+    return fc
 
 
 def train_gnn(fc_weights: str | Path, train_sets: list[CandidateSet], val_sets: list[CandidateSet],

@@ -80,9 +80,11 @@ class DescriptorExtractor:
         return out
 
     def describe_files(self, items: Sequence[tuple[str, str | Path]], progress: bool = False,
-                       store: "DescriptorStore | None" = None, head: Callable | None = None) -> Extraction:
+                       store: "DescriptorStore | None" = None, head: Callable | None = None,
+                       label: str = "describe") -> Extraction:
         """Descriptors of (key, path) items. With a `store`, keys it already holds are skipped and new
-        descriptors are appended to it as they come (so an interrupted run resumes)."""
+        descriptors are appended to it as they come (so an interrupted run resumes); `label` names the
+        progress bar."""
         from tqdm import tqdm
 
         done = store.keys() if store is not None else set()
@@ -101,7 +103,7 @@ class DescriptorExtractor:
                 if store is not None:
                     store.append(keys, desc)
 
-        for key, tensor, error in tqdm(loader, total=len(todo), disable=not progress, unit="img", desc="describe"):
+        for key, tensor, error in tqdm(loader, total=len(todo), disable=not progress, unit="img", desc=label):
             if error is not None:
                 result.failed[key] = error
                 log.warning("skipping %s: %s", key, error)
