@@ -5,7 +5,7 @@ import math
 
 import numpy as np
 import pytest
-from node_harness import NodeProcess, diagnostics_values, image_msg, running_node, write_params
+from node_harness import NodeProcess, diagnostics_values, image_msg, running_node, set_stamp, write_params
 
 from vpr_rerank_ros.datasets.msls import load_city
 from vpr_rerank_ros.geo import EnuFrame
@@ -93,6 +93,61 @@ def test_an_untrained_learned_reranker_is_refused_unless_allowed(synthetic_map, 
         assert all(d.status[0].level == DiagnosticStatus.WARN and "NO TRAINED WEIGHTS" in d.status[0].message
                    for d in diagnostics)
     assert node.log().count("NO TRAINED WEIGHTS") >= 3              # at start-up and at every period
+
+
+@pytest.mark.parametrize("source", ["imu", "odometry"])
+def test_the_heading_of_an_imu_or_odometry_topic_reaches_the_reranker(synthetic_map, tmp_path, source):
+    """heading_source: the orientation's yaw (ENU) plus camera_yaw_deg, as a compass heading, is the hint of the
+    frames stamped near it; an orientation that is not one is counted and skipped; a stale one is not used."""
+    from diagnostic_msgs.msg import DiagnosticArray
+    from nav_msgs.msg import Odometry
+    from rclpy.qos import qos_profile_sensor_data
+    from sensor_msgs.msg import Image, Imu
+
+    root, report = synthetic_map
+    query, _ = load_city(root / "msls", "synth0")
+    bundle = report.bundle
+    model = f"{{dim: {bundle.dim}, K: 20, L: 10, width: 48, heads: 4, mlp: 96, heading: true}}"
+    params = write_params(tmp_path / "params.yaml", map_path=str(bundle.root), top_k=20, reranker="gnn",
+                          reranker_params=model, allow_untrained=True, heading_source=source, camera_yaw_deg=-90.0)
+    message_type = {"imu": Imu, "odometry": Odometry}[source]
+
+    def orientation(yaw_deg: float, stamp: float, valid: bool = True):
+        msg = set_stamp(message_type(), stamp)
+        target = msg.orientation if source == "imu" else msg.pose.pose.orientation
+        target.z, target.w = math.sin(math.radians(yaw_deg) / 2), math.cos(math.radians(yaw_deg) / 2)
+        if not valid:
+            target.z = target.w = 0.0                                     # all zeros: no orientation
+        return msg
+
+    with running_node(params, tmp_path) as (node, client):
+        diagnostics = client.collect(DiagnosticArray, "/diagnostics", 10)
+        images = client.node.create_publisher(Image, "/image", qos_profile_sensor_data)
+        headings = client.node.create_publisher(message_type, "/heading", qos_profile_sensor_data)
+        client.wait_for_subscriber(images, node)
+        client.wait_for_subscriber(headings, node)
+        frame = read_rgb(query.image_path(0))
+
+        def reported(text: str) -> bool:
+            return bool(diagnostics) and text in diagnostics_values(diagnostics[-1])["heading"]
+
+        for n in range(60):   # until the node reports it (best effort: messages after discovery may be lost)
+            headings.publish(orientation(0.0, 1000 + n, valid=False))
+            headings.publish(orientation(60.0, 1000 + n))                  # ENU yaw 60 = compass 30
+            images.publish(image_msg(frame, 1000 + n))
+            if client.spin_until(lambda: reported("120.0 deg"), timeout=1.0):
+                break
+        assert reported("120.0 deg"), node.log()                          # camera looks right: 30 + 90
+        values = diagnostics_values(diagnostics[-1])
+        assert values["heading"] == f"120.0 deg (compass) from {source}"
+        assert int(values["headings"]) >= 1 and int(values["bad_headings"]) >= 1
+        images.publish(image_msg(frame, 2000))                             # no heading near this stamp
+        for _ in range(3):
+            if client.spin_until(lambda: reported("from the image stamp: not used"), timeout=5):
+                break
+            images.publish(image_msg(frame, 2000))
+        assert reported("from the image stamp: not used"), node.log()
+    assert "ignoring heading message: orientation quaternion (0.0, 0.0, 0.0, 0.0) is not a rotation" in node.log()
 
 
 def test_parameters_are_read_only_unless_they_change_at_run_time():

@@ -156,6 +156,17 @@ def heading_to_yaw(heading_deg):
     return -((-yaw + np.pi) % (2 * np.pi) - np.pi)
 
 
+def quaternion_yaw(x: float, y: float, z: float, w: float) -> float:
+    """Yaw (radians, about z, REP-103) of an orientation quaternion; a ValueError when it is not finite or
+    has no length (ROS's "no orientation" is all zeros)."""
+    q = np.array([x, y, z, w], dtype=np.float64)
+    norm = float(np.linalg.norm(q))
+    if not np.isfinite(q).all() or norm < 1e-6:
+        raise ValueError(f"orientation quaternion ({x}, {y}, {z}, {w}) is not a rotation")
+    x, y, z, w = q / norm
+    return float(np.arctan2(2 * (w * z + x * y), 1 - 2 * (y * y + z * z)))
+
+
 def yaw_to_heading(yaw_rad):
     """REP-103 yaw (radians counter-clockwise from east) -> compass heading in [0, 360) degrees."""
     return (90.0 - np.degrees(np.asarray(yaw_rad, dtype=np.float64))) % 360.0

@@ -38,12 +38,13 @@ from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.node import Node
 from rclpy.qos import qos_profile_sensor_data
 from rclpy.task import Future
-from sensor_msgs.msg import CompressedImage, Image, NavSatFix, NavSatStatus
+from nav_msgs.msg import Odometry
+from sensor_msgs.msg import CompressedImage, Image, Imu, NavSatFix, NavSatStatus
 from std_srvs.srv import Trigger
 from visualization_msgs.msg import Marker, MarkerArray
 
-from .frames import COUNTERS, DIAGNOSTICS_PERIOD_S, GPS_MAX_AGE_S, STATUS_NAME, fresh_fix
-from .geo import EnuFrame, heading_to_yaw, meridian_convergence_deg
+from .frames import COUNTERS, DIAGNOSTICS_PERIOD_S, GPS_MAX_AGE_S, HEADING_MAX_AGE_S, STATUS_NAME, fresh_fix
+from .geo import EnuFrame, heading_to_yaw, meridian_convergence_deg, quaternion_yaw, yaw_to_heading
 from .images import ImageError, decode_image_message
 from .localizer import Localizer, LocalizerSettings, hint_from_fix
 from .mapbuild import map_model
@@ -74,10 +75,17 @@ PARAMETERS = {  # name: (default, description); every one is documented in confi
     "device": ("auto", "cuda, cpu or auto"),
     "publish_matches": (False, "publish ~/matches markers at the top matches"),
     "allow_untrained": (False, "run a learned re-ranker without trained weights (warned at every diagnostics period)"),
+    "heading_source": ("none", "where the camera's heading comes from: none, imu (sensor_msgs/Imu on 'heading') or "
+                               "odometry (nav_msgs/Odometry on 'heading'); the orientation must be relative to ENU"),
+    "camera_yaw_deg": (0.0, "yaw of the camera's optical axis in the orientation's body frame, counter-clockwise "
+                            "from its x axis (REP-103): 0 = looking forward, 90 = looking left"),
+    "heading_max_age_s": (HEADING_MAX_AGE_S, "headings further than this from the image stamp are ignored"),
 }
+HEADING_SOURCES = {"none": None, "imu": Imu, "odometry": Odometry}
 RUN_TIME = ("reranker", "reranker_params", "top_k", "pose_matches", "publish_matches")   # the rest are read-only
 RANGES = {"top_k": (1, INT_MAX), "pose_matches": (1, INT_MAX), "rate_hz": (POSITIVE, math.inf),
-          "gps_max_age_s": (0.0, math.inf), "gps_radius_m": (POSITIVE, math.inf)}
+          "gps_max_age_s": (0.0, math.inf), "gps_radius_m": (POSITIVE, math.inf),
+          "heading_max_age_s": (0.0, math.inf), "camera_yaw_deg": (-360.0, 360.0)}
 
 
 def parameter_descriptor(name: str) -> ParameterDescriptor:
@@ -155,7 +163,10 @@ class LocalizerNode(Node):
         self.running = True
         self.latest = None          # the newest frame not yet processed
         self.fix = None             # (lat, lon, sigma, stamp seconds)
-        self.stats = {**dict.fromkeys(COUNTERS, 0), "last_latency": {}, "gps": "no frame yet"}
+        self.heading = None         # (compass degrees of the camera, stamp seconds)
+        self.stats = {**dict.fromkeys(COUNTERS, 0), "last_latency": {}, "gps": "no frame yet",
+                      "heading": "not used (heading_source none)" if self.p["heading_source"] == "none" else
+                      "no frame yet"}
         self._rate_base = (time.monotonic(), 0, 0)   # (time, received, processed) at the last diagnostics
         image_type, topic = (CompressedImage, "image/compressed") if self.p["compressed"] else (Image, "image")
         try:
@@ -164,6 +175,9 @@ class LocalizerNode(Node):
         except UnsupportedEventTypeError:   # a middleware that cannot report lost messages: "lost" stays 0
             self.create_subscription(image_type, topic, self._on_image, qos_profile_sensor_data)
         self.create_subscription(NavSatFix, "gps/fix", self._on_fix, qos_profile_sensor_data)
+        if HEADING_SOURCES[self.p["heading_source"]] is not None:
+            self.create_subscription(HEADING_SOURCES[self.p["heading_source"]], "heading", self._on_heading,
+                                     qos_profile_sensor_data)
         self.pose_pub = self.create_publisher(PoseWithCovarianceStamped, "~/pose", 10)
         self.fix_pub = self.create_publisher(NavSatFix, "~/fix", 10)
         self.diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
@@ -186,6 +200,9 @@ class LocalizerNode(Node):
             raise ValueError("parameter map_path is required (a map directory built with vpr-map build)")
         if p["output"] not in ("enu", "utm"):
             raise ValueError(f"parameter output must be 'enu' or 'utm', got {p['output']!r}")
+        if p["heading_source"] not in HEADING_SOURCES:
+            raise ValueError(f"parameter heading_source must be one of {', '.join(HEADING_SOURCES)}, got "
+                             f"{p['heading_source']!r}")
         if p["pose_matches"] > p["top_k"]:
             raise ValueError(f"need pose_matches <= top_k, got pose_matches {p['pose_matches']}, top_k {p['top_k']}")
         reranker_params(p["reranker_params"])
@@ -244,6 +261,26 @@ class LocalizerNode(Node):
             self.fix = (*hint, stamp)
             self.stats["fixes"] += 1
 
+    def _on_heading(self, msg: Imu | Odometry) -> None:
+        """The camera's compass heading from the orientation of an Imu or Odometry message (relative to ENU)."""
+        if isinstance(msg, Imu):
+            orientation, unknown = msg.orientation, msg.orientation_covariance[0] == -1.0   # REP-145: no orientation
+        else:
+            orientation, unknown = msg.pose.pose.orientation, False
+        try:
+            if unknown:
+                raise ValueError("its orientation covariance says it has no orientation (-1)")
+            yaw = quaternion_yaw(orientation.x, orientation.y, orientation.z, orientation.w)
+        except ValueError as exc:
+            with self.lock:
+                self.stats["bad_headings"] += 1
+            self.get_logger().warning(f"ignoring heading message: {exc}", **self.throttled)
+            return
+        compass = float(yaw_to_heading(yaw + math.radians(self.p["camera_yaw_deg"])))
+        with self.lock:
+            self.heading = (compass, msg.header.stamp.sec + msg.header.stamp.nanosec * 1e-9)
+            self.stats["headings"] += 1
+
     def _work(self) -> None:
         """The pipeline thread: wait for a frame, localise the newest one; at most `rate_hz` frames a second
         (steady clock: a compute budget, not ROS time)."""
@@ -270,7 +307,7 @@ class LocalizerNode(Node):
     def _process(self) -> None:
         with self.lock:
             msg, self.latest = self.latest, None
-            fix = self.fix
+            fix, heading = self.fix, self.heading
         if msg is None:
             return
         start = time.perf_counter()
@@ -287,8 +324,13 @@ class LocalizerNode(Node):
             hint = fix[:3]
         elif fix is not None:
             gps_note = f"newest GPS fix is {abs(stamp - fix[3]):.1f} s from the image stamp: not used"
+        heading_hint, heading_note = None, self.stats["heading"] if heading is None else ""
+        if heading is not None and fresh_fix(heading[1], stamp, self.p["heading_max_age_s"]):
+            heading_hint, heading_note = heading[0], f"{heading[0]:.1f} deg (compass) from {self.p['heading_source']}"
+        elif heading is not None:
+            heading_note = f"newest heading is {abs(stamp - heading[1]):.2f} s from the image stamp: not used"
         try:
-            result = self.localizer.localize(rgb, gps_hint=hint, stamp=stamp)
+            result = self.localizer.localize(rgb, gps_hint=hint, heading_hint=heading_hint, stamp=stamp)
         except ValueError as exc:
             with self.lock:
                 self.stats["bad"] += 1
@@ -305,6 +347,7 @@ class LocalizerNode(Node):
             self.stats["processed"] += 1
             self.stats["last_latency"] = {**result.timings, "total": time.perf_counter() - start}
             self.stats["gps"] = result.gps_note if hint is not None else gps_note
+            self.stats["heading"] = heading_note
 
     def _publish(self, header, result) -> None:
         """~/pose in the map frame; ~/fix in the camera's frame (the position estimated is the camera's)."""
@@ -374,7 +417,7 @@ class LocalizerNode(Node):
                   "image_conversion": self.conversion, **{k: stats[k] for k in COUNTERS},
                   "received_hz": f"{(stats['received'] - received) / (now - since):.2f}",
                   "processed_hz": f"{(stats['processed'] - processed) / (now - since):.2f}",
-                  "gps": stats["gps"],
+                  "gps": stats["gps"], "heading": stats["heading"],
                   **{f"latency_{k}_ms": f"{v * 1e3:.1f}" for k, v in stats["last_latency"].items()}}
         status.values = [KeyValue(key=k, value=str(v)) for k, v in values.items()]
         array = DiagnosticArray(status=[status])
