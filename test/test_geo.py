@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from vpr_rerank_ros.geo import (EnuFrame, OverlapGraph, UtmZone, fov_overlap, fov_sector, heading_difference,
-                                heading_to_yaw, latlon_to_utm, meridian_convergence_deg, utm_to_latlon,
-                                utm_zone_for, yaw_to_heading)
+                                heading_to_yaw, latlon_to_utm, meridian_convergence_deg, quaternion_yaw,
+                                utm_to_latlon, utm_zone_for, yaw_to_heading)
 
 GEOD = pyproj.Geod(ellps="WGS84")
 
@@ -99,6 +99,20 @@ def test_heading_yaw_conventions():
     assert np.allclose(yaw_to_heading(yaws), headings)
     assert heading_difference(350.0, 10.0) == pytest.approx(20.0)
     assert heading_difference(0.0, 180.0) == pytest.approx(180.0)
+
+
+def test_quaternion_yaw_is_the_rotation_about_z_whatever_the_tilt():
+    for yaw in (0.0, 0.7, -2.0, math.pi):
+        q = (0.0, 0.0, math.sin(yaw / 2), math.cos(yaw / 2))
+        assert math.cos(quaternion_yaw(*q) - yaw) == pytest.approx(1.0)
+        assert quaternion_yaw(*(2.0 * c for c in q)) == pytest.approx(quaternion_yaw(*q))     # not normalised
+    # yaw 0.5 then pitch 0.1 (intrinsic z-y'): the yaw survives a vehicle's pitch
+    cy, sy, cp, sp = math.cos(0.25), math.sin(0.25), math.cos(0.05), math.sin(0.05)
+    assert quaternion_yaw(-sy * sp, cy * sp, sy * cp, cy * cp) == pytest.approx(0.5)
+    assert yaw_to_heading(quaternion_yaw(0.0, 0.0, math.sin(math.pi / 6), math.cos(math.pi / 6))) == pytest.approx(30.0)
+    for bad in ((0.0, 0.0, 0.0, 0.0), (float("nan"), 0.0, 0.0, 1.0)):
+        with pytest.raises(ValueError, match="is not a rotation"):
+            quaternion_yaw(*bad)
 
 
 # ------------------------------------------------------------------ FoV overlap
