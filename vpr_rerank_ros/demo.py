@@ -2,9 +2,11 @@
 
 Generates a seeded synthetic town, builds a map of its database drives with the offline default
 descriptor, retrieves for its query drives (which come under other light, weather and season) and prints
-Recall@k / mAP@k with and without a noisy GPS hint and Recall@1 per condition; then records a query drive
-as a ROS 2 bag, runs the vpr_localizer node on it by live replay (/clock, paced by the node) once per
-training-free re-ranker, and prints the localisation error table of each.
+Recall@k / mAP@k with and without a noisy GPS hint and Recall@1 per condition; trains the GNN re-ranker with
+positional affinity on two other cities (maps described with the same model) and compares it with the
+training-free re-rankers on the demo city's queries; then records a query drive as a ROS 2 bag, runs the
+vpr_localizer node on it by live replay (/clock, paced by the node) once per re-ranker, and prints the
+localisation error table of each.
 """
 from __future__ import annotations
 
@@ -17,12 +19,21 @@ import numpy as np
 
 from .cli import report_user_errors, size_argument
 from .datasets import geotagged
-from .datasets.msls import load_city
+from .datasets.msls import load_city, load_side
 from .datasets.synth_town import BagConfig, SynthConfig, generate, plan_bag_drive, plan_city, write_bag
 from .datasets.town import TownConfig
-from .evaluation import evaluate_queries
+from .evaluation import Comparison, compare_rerankers, evaluate_queries, format_table
 from .mapbuild import build_map, map_model
+from .mapdb import MapBundle
 from .rerank import COMPARED, reranker_label
+from .training import TrainSettings, candidate_set, initial_fc, train, train_gnn
+
+DEMO_RERANKERS = tuple((name, params) for name, params in COMPARED if name in ("none", "superglobal", "k_reciprocal",
+                                                                                 "gnn_knn"))
+LEARNED_LABEL = "gnn+pa (trained here)"
+# The demo's GNN: sizes for a 2-core CPU in about a minute (docs/training.md; the study's are larger).
+TRAINING = {"K": 50, "fc_epochs": 4, "gnn_epochs": 8, "lr": 3e-4,
+            "model": {"L": 25, "width": 128, "heads": 4, "mlp": 256, "layers": 1, "positional": True}}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,20 +81,57 @@ def _demo(args) -> int:
         m = run.metrics
         print(f"{name:40s} {m['recall@1']:.3f}  {m['recall@5']:.3f}  {m['recall@10']:.3f}  {m['map@10']:.3f}")
     _per_condition(msls, plain)
+
     start = time.perf_counter()
-    _live_replays(out, config, args)
+    weights = _train_gnn(out, bundle, model, args)
+    timings["train gnn+pa (2 cities)"] = time.perf_counter() - start
+    rows = compare_rerankers(bundle, evaluate_queries(bundle, model, plain.query, k=TRAINING["K"],
+                                                      descriptors=plain.descriptors),
+                             [*DEMO_RERANKERS, ("gnn", {"weights": str(weights)})], log=lambda _: None)
+    rows[-1] = Comparison(LEARNED_LABEL, {}, rows[-1].ranked, rows[-1].metrics)
+    print(f"\nre-ranking the top {TRAINING['K']} of the whole map (positives within 25 m; %):")
+    print(format_table(rows))
+    start = time.perf_counter()
+    _live_replays(out, config, args, weights)
     timings["live replays"] = time.perf_counter() - start
     print("\ntimings: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()))
     print("The offline default is ImageNet EfficientNet-Lite0 + NetVLAD fitted on the map: not trained for "
-          "place recognition. The learned GNN re-ranker is left out until it has trained weights.")
+          f"place recognition. The GNN's checkpoint: {weights} (vpr-train and vpr-study train larger ones).")
     return 0
 
 
-DEMO_RERANKERS = tuple((name, params) for name, params in COMPARED if name in ("none", "superglobal", "k_reciprocal",
-                                                                                 "gnn_knn"))
+def _train_gnn(out: Path, bundle: MapBundle, model, args) -> Path:
+    """The thesis's two steps (FC1, then the GNN with positional affinity on that frozen FC1) on a training and
+    a validation city of another seeded town, mapped with the demo map's descriptor model; returns the GNN's
+    best checkpoint. Every stage is kept, so a second demo run reuses them."""
+    config = SynthConfig(town=TownConfig(blocks_x=3, blocks_y=3), width=320, height=240, query_sequences=20,
+                         query_frames=20)
+    town = out / f"training_town_seed{args.seed}"
+    if not (town / "synth_town.json").exists():
+        generate(town, cities=2, seed=args.seed + 1, config=config, workers=args.workers, progress=True)
+    sets = []
+    for city in ("synth0", "synth1"):
+        path = out / "training_maps" / city
+        if (path / "map.json").exists():
+            city_map = MapBundle.load(path)
+            city_map.check_model(model)
+        else:
+            city_map = build_map(path, geotagged.from_msls(town, [city]), model, progress=True).bundle
+        sets.append(candidate_set(city_map, load_side(town, city, "query"), TRAINING["K"], model=model))
+    common = {"K": TRAINING["K"], "lr": TRAINING["lr"], "seed": args.seed}
+    print(f"\ntraining gnn+pa on {len(sets[0].relevant)} queries of one city, epochs chosen on another's "
+          f"{len(sets[1].relevant)}:")
+    fc = train(initial_fc(sets[:1]), sets[:1], sets[1:], TrainSettings(epochs=TRAINING["fc_epochs"], **common),
+               out / "training" / "fc", log=_indented, allow_worse=True)
+    return train_gnn(fc, sets[:1], sets[1:], TrainSettings(epochs=TRAINING["gnn_epochs"], **common),
+                     TRAINING["model"], out / "training" / "gnn+pa", log=_indented, allow_worse=True)
 
 
-def _live_replays(out: Path, config: SynthConfig, args) -> None:
+def _indented(line: str) -> None:
+    print(f"  {line}")
+
+
+def _live_replays(out: Path, config: SynthConfig, args, weights: Path) -> None:
     """A query drive through the town as a bag, replayed live to the node once per re-ranker."""
     from .live_replay import LiveSettings, NodeSetup, replay_live   # ROS only here
 
@@ -99,7 +147,7 @@ def _live_replays(out: Path, config: SynthConfig, args) -> None:
           "to pose (its diagnostics),\ne2e = image published to pose received.")
     columns = ("answered", "median", "p90", "p95", "<5 m", "<10 m", "<25 m", "R@1", "node ms", "e2e ms")
     print(f"{'re-ranker':28s}" + "".join(f"{c:>9s}" for c in columns))
-    for name, params in DEMO_RERANKERS:
+    for name, params in (*DEMO_RERANKERS, ("gnn", {"weights": str(weights)})):
         live = replay_live(bag, NodeSetup(map_path=str(out / "map"), reranker=name, reranker_params=params),
                            LiveSettings(rate=args.rate, wait_for_node=True, use_gps=False))
         e, latency = live.report.errors, live.report.latency_ms
@@ -107,7 +155,7 @@ def _live_replays(out: Path, config: SynthConfig, args) -> None:
         cells = [f"{live.answered}/{live.sent}", *(f"{e[k]:.1f}" for k in ("median", "p90", "p95")),
                  *(f"{100 * v:.1f}%" for v in shares),
                  *(f"{latency.get(k, float('nan')):.0f}" for k in ("total", "end_to_end"))]
-        label = reranker_label(name, params)
+        label = LEARNED_LABEL if "weights" in params else reranker_label(name, params)
         print(f"{label:28s}" + "".join(f"{c:>9s}" for c in cells))
 
 

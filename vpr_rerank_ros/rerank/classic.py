@@ -73,9 +73,13 @@ class SuperGlobal(Reranker):
         sim = cosine(candidates, candidates)                                  # (B, K, K)
         values, index = sim.topk(n, dim=2)                                    # self first
         weights = torch.cat([torch.ones_like(values[..., :1]), self.beta * values[..., 1:]], dim=2)
-        # Row i of `mix` holds candidate i's normalised neighbour weights: one GEMM, memory independent of P.
-        mix = torch.zeros_like(sim).scatter_(2, index, weights / weights.sum(2, keepdim=True))
-        refined = torch.bmm(mix, candidates)
+        weights = weights / weights.sum(2, keepdim=True)
+        # The weighted mean over each candidate's P + 1 neighbours, one neighbour rank at a time: (P + 1) K D work
+        # and K D memory, instead of a K x K mixing matrix times the candidates (a second K^2 D product).
+        refined = torch.zeros_like(candidates)
+        for rank in range(n):
+            neighbour = torch.gather(candidates, 1, index[..., rank, None].expand(-1, -1, candidates.shape[2]))
+            refined.addcmul_(weights[..., rank, None], neighbour)
         first = torch.einsum("bd,bkd->bk", query, refined)                    # s(q, c~_i)
         best = first.topk(n, dim=1).indices
         refined_query = torch.gather(refined, 1, best.unsqueeze(-1).expand(-1, -1, refined.shape[2])).amax(1)
