@@ -3,6 +3,7 @@ dict tagged with a format name and version). Used for descriptor models and lear
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import fields
 from pathlib import Path
 
@@ -11,14 +12,20 @@ from safetensors.torch import load_file, save_file
 
 
 def write_checkpoint(path: str | Path, tensors: dict[str, torch.Tensor], format_name: str, config: dict) -> Path:
-    """Write the tensors and `{"format", "version": 1, **config}`; `path` must end in .safetensors."""
+    """Write the tensors and `{"format", "version": 1, **config}`; `path` must end in .safetensors. Each file is
+    written beside its name and renamed into place, so a killed writer never leaves half a file."""
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ValueError(f"checkpoints end in .safetensors, got {path.name}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path))
+    partial = path.with_name(path.name + ".partial")
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(partial))
+    os.replace(partial, path)
     document = {"format": format_name, "version": 1, **config}
-    path.with_suffix(".json").write_text(json.dumps(document, indent=2, sort_keys=True) + "\n")
+    config_path = path.with_suffix(".json")
+    partial = config_path.with_name(config_path.name + ".partial")
+    partial.write_text(json.dumps(document, indent=2, sort_keys=True) + "\n")
+    os.replace(partial, config_path)
     return path
 
 

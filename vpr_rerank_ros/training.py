@@ -221,13 +221,7 @@ def train(model: LearnedReranker, train_sets: list[CandidateSet], val_sets: list
               "queries": [list(data.relevant.shape) for data in train_sets + val_sets]}
     state = _read_state(out / STATE, run_id)
     if state is not None:
-        model.load_state_dict(state["model"])
-        optimiser.load_state_dict(state["optimiser"])
-        schedule.load_state_dict(state["schedule"])
-        rng.bit_generator.state = state["numpy_rng"]
-        torch.set_rng_state(state["torch_rng"])
-        if "cuda_rng" in state and torch.device(device).type == "cuda":
-            torch.cuda.set_rng_state(state["cuda_rng"], device)
+        _restore_state(state, model, optimiser, schedule, rng, device)
         rows_log, best_map = state["log"], state["best_map"]
         best = out / state["best"] if state["best"] else None
         log(f"resuming after epoch {len(rows_log) - 1}/{settings.epochs} from {out / STATE}")
@@ -337,6 +331,17 @@ def _write_state(path: Path, run_id: dict, model, optimiser, schedule, rng, devi
     partial = path.with_name(path.name + ".partial")
     torch.save(state, partial)
     os.replace(partial, path)
+
+
+def _restore_state(state: dict, model, optimiser, schedule, rng, device: str) -> None:
+    """Put back what `_write_state` saved: weights, optimiser, schedule and random generators."""
+    model.load_state_dict(state["model"])
+    optimiser.load_state_dict(state["optimiser"])
+    schedule.load_state_dict(state["schedule"])
+    rng.bit_generator.state = state["numpy_rng"]
+    torch.set_rng_state(state["torch_rng"])
+    if "cuda_rng" in state and torch.device(device).type == "cuda":
+        torch.cuda.set_rng_state(state["cuda_rng"], device)
 
 
 def _read_state(path: Path, run_id: dict) -> dict | None:
