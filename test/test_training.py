@@ -184,21 +184,33 @@ def test_vpr_train_runs_both_steps_with_fc1_frozen(synthetic_map, tmp_path, caps
     root, report = synthetic_map
     config = tmp_path / "tiny.yaml"
     config.write_text("batch_size: 8\nlr: 1.0e-3\nfc: {epochs: 2, K: 40}\n"
-                      "gnn: {epochs: 1, K: 40, model: {L: 20, width: 48, heads: 4, mlp: 96}}\n")
+                      "gnn: {epochs: 1, K: 40, model: {L: 20, width: 48, heads: 4, mlp: 96, dropout: 0.0}}\n")
     city = f"synth0={report.bundle.root}"
     out = tmp_path / "run"
-    assert train_main(["--msls", str(root / "msls"), "--train", city, "--val", city, "--out", str(out),
-                       "--config", str(config), "--device", "cpu", "--allow-worse"]) == 0
+    args = ["--msls", str(root / "msls"), "--train", city, "--val", city, "--config", str(config), "--device", "cpu",
+            "--allow-worse"]
+    assert train_main([*args, "--out", str(out)]) == 0
     text = capsys.readouterr().out
     assert "synth0: 32 queries" in text and text.count("best: epoch_") == 2
+    # The same command under torchrun with 2 processes (gloo): rank 0 alone logs, and every epoch's loss and
+    # validation score are the one-process run's (weights: test_two_processes_under_torchrun_...; here FC1 starts
+    # from an eigen-decomposition whose nearly degenerate directions differ at 1e-4 between thread counts).
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          str(Path(sys.executable).with_name("vpr-train")), *args, "--out", str(tmp_path / "two")],
+                         env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count("synth0: 32 queries") == 2 and two.stdout.count("best: epoch_") == 2
+    for step in ("fc", "gnn"):
+        one, other = (list(csv.DictReader(open(folder / step / "log.csv"))) for folder in (out, tmp_path / "two"))
+        assert [r["val_map@10"] for r in one] == [r["val_map@10"] for r in other]
+        assert [float(r["loss"]) for r in one[1:]] == pytest.approx([float(r["loss"]) for r in other[1:]], rel=1e-4)
     fc, gnn = load_file(str(out / "fc" / "best.safetensors")), load_file(str(out / "gnn" / "best.safetensors"))
     assert torch.equal(fc["fc1.weight"], gnn["fc1.weight"]) and torch.equal(fc["fc1.bias"], gnn["fc1.bias"])
     model = load_reranker(out / "gnn" / "best.safetensors")
     assert (model.config.K, model.config.L, model.config.width) == (40, 20, 48)
     # Step 2 alone from the step-1 checkpoint gives the same GNN.
     again = tmp_path / "again"
-    assert train_main(["--msls", str(root / "msls"), "--train", city, "--val", city, "--out", str(again),
-                       "--config", str(config), "--device", "cpu", "--steps", "gnn", "--allow-worse",
+    assert train_main([*args, "--out", str(again), "--steps", "gnn",
                        "--fc-weights", str(out / "fc" / "best.safetensors")]) == 0
     assert torch.equal(load_file(str(again / "gnn" / "best.safetensors"))["fc2.weight"], gnn["fc2.weight"])
 

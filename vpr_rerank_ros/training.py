@@ -432,8 +432,11 @@ def initial_fc(train_sets: list[CandidateSet], hidden: int = 512, sample: int = 
         moment += rows.T @ rows
         count += len(rows)
     _, vectors = np.linalg.eigh(moment / max(count, 1))                # ascending eigenvalues
-    weight = np.zeros((hidden, dim))
     leading = vectors[:, ::-1][:, :hidden].T
+    # An eigenvector's sign is arbitrary (LAPACK's choice varies with threads and machines): make each one's
+    # largest component positive, so that every process and machine starts from the same FC1.
+    leading = leading * np.sign(leading[np.arange(len(leading)), np.abs(leading).argmax(1)])[:, None]
+    weight = np.zeros((hidden, dim))
     weight[:len(leading)] = leading                                     # rows beyond dim (hidden > dim) stay 0
     fc = build_reranker("fc", dim=dim, hidden=hidden)
     with torch.no_grad():
