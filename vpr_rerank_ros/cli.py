@@ -40,12 +40,8 @@ def map_main(argv: list[str] | None = None) -> int:
         p = sub.add_parser(name, help=text)
         p.add_argument("map", help="map directory")
     build = sub.add_parser("build", help="describe geotagged images and write a map")
-    build.add_argument("--out", required=True, help="map directory to write")
-    source = build.add_mutually_exclusive_group(required=True)
-    source.add_argument("--images", help="folder of photos with EXIF GPS (sorted by name = order of capture)")
-    source.add_argument("--msls", help="MSLS root; the database side of --cities is used")
-    source.add_argument("--csv", help="CSV with path, lat, lon, heading (or path, easting, northing, zone, heading)")
-    build.add_argument("--cities", help="with --msls: comma-separated cities, or train/val")
+    _image_source(build, "map directory to write", "folder of photos with EXIF GPS (sorted by name = order of "
+                  "capture)", "MSLS root; the database side of --cities is used")
     build.add_argument("--headings", help="with --images: CSV of name, heading overriding EXIF/travel headings")
     build.add_argument("--overwrite", action="store_true", help="replace an existing map")
     _model_options(build, "descriptor weights (.mat, pytorch-NetVlad .pth.tar, .safetensors); "
@@ -56,12 +52,8 @@ def map_main(argv: list[str] | None = None) -> int:
                                              "descriptors) to use instead of describing the images")
     describe = sub.add_parser("describe", help="describe many images into one HDF5 file (sharded over the "
                                                "processes of a torchrun job, resumable)")
-    describe.add_argument("--out", required=True, help="HDF5 file to write (keys, descriptors)")
-    source = describe.add_mutually_exclusive_group(required=True)
-    source.add_argument("--msls", help="MSLS root: the --sides of --cities")
-    source.add_argument("--images", help="folder of images (key: file name without suffix)")
-    source.add_argument("--csv", help="CSV as for build")
-    describe.add_argument("--cities", help="with --msls: comma-separated cities, train/val, or all (default)")
+    _image_source(describe, "HDF5 file to write (keys, descriptors)", "folder of images (key: file name without "
+                  "suffix)", "MSLS root: the --sides of --cities")
     describe.add_argument("--sides", default="database,query", help="with --msls: database, query or both (default)")
     _model_options(describe, "descriptor weights (required: every process must use the same model)")
     query = sub.add_parser("query", help="retrieve the top-k map images for a folder of query images")
@@ -74,6 +66,16 @@ def map_main(argv: list[str] | None = None) -> int:
     commands = {"build": _map_build, "describe": _map_describe, "query": _map_query, "info": _map_info,
                 "verify": _map_info}
     return report_user_errors("vpr-map", lambda: commands[args.command](args))
+
+
+def _image_source(parser: argparse.ArgumentParser, out_help: str, images_help: str, msls_help: str) -> None:
+    """--out and the images to read, from exactly one of --images, --msls (with --cities) or --csv."""
+    parser.add_argument("--out", required=True, help=out_help)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--images", help=images_help)
+    source.add_argument("--msls", help=msls_help)
+    source.add_argument("--csv", help="CSV with path, lat, lon, heading (or path, easting, northing, zone, heading)")
+    parser.add_argument("--cities", help="with --msls: comma-separated cities, or train/val (default: all)")
 
 
 def _map_info(args) -> int:
