@@ -462,7 +462,7 @@ def _train(args, steps: tuple[str, ...]) -> int:
     schedule = Schedule.from_overrides(yaml.safe_load(Path(args.config).read_text()) if args.config else None)
     here = workers(args.device)                       # this process's rank under torchrun (or the only one)
     device = here.device(args.device)
-    log = print if here.main else (lambda _: None)
+    log = here.quiet(print)
     k = required_k(schedule, steps)
     common = {"min_overlap": schedule.min_overlap, "model_weights": args.model, "descriptor_file": args.descriptors,
               "device": device, "log": log}

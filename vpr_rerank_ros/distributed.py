@@ -7,6 +7,7 @@ import atexit
 import os
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -36,6 +37,10 @@ class Workers:
             return f"cuda:{self.local_rank}"
         return requested
 
+    def quiet(self, log: Callable[[str], None]) -> Callable[[str], None]:
+        """`log` on rank 0; the other ranks say nothing (their lines would repeat rank 0's)."""
+        return log if self.main else _nothing
+
     def barrier(self) -> None:
         if self.world > 1:
             dist.barrier()
@@ -55,6 +60,10 @@ class Workers:
         total = torch.tensor([value], dtype=torch.float64)
         dist.all_reduce(total)
         return float(total.item())
+
+
+def _nothing(_: str) -> None:
+    """The log of ranks other than 0."""
 
 
 def workers(device: str | None = None) -> Workers:

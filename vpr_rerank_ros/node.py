@@ -165,8 +165,7 @@ class LocalizerNode(Node):
         self.fix = None             # (lat, lon, sigma, stamp seconds)
         self.heading = None         # (compass degrees of the camera, stamp seconds)
         self.stats = {**dict.fromkeys(COUNTERS, 0), "last_latency": {}, "gps": "no frame yet",
-                      "heading": "not used (heading_source none)" if self.p["heading_source"] == "none" else
-                      "no frame yet"}
+                      "heading": "no frame yet"}
         self._rate_base = (time.monotonic(), 0, 0)   # (time, received, processed) at the last diagnostics
         image_type, topic = (CompressedImage, "image/compressed") if self.p["compressed"] else (Image, "image")
         try:
@@ -324,11 +323,7 @@ class LocalizerNode(Node):
             hint = fix[:3]
         elif fix is not None:
             gps_note = f"newest GPS fix is {abs(stamp - fix[3]):.1f} s from the image stamp: not used"
-        heading_hint, heading_note = None, self.stats["heading"] if heading is None else ""
-        if heading is not None and fresh_fix(heading[1], stamp, self.p["heading_max_age_s"]):
-            heading_hint, heading_note = heading[0], f"{heading[0]:.1f} deg (compass) from {self.p['heading_source']}"
-        elif heading is not None:
-            heading_note = f"newest heading is {abs(stamp - heading[1]):.2f} s from the image stamp: not used"
+        heading_hint, heading_note = self._heading_hint(heading, stamp)
         try:
             result = self.localizer.localize(rgb, gps_hint=hint, heading_hint=heading_hint, stamp=stamp)
         except ValueError as exc:
@@ -348,6 +343,16 @@ class LocalizerNode(Node):
             self.stats["last_latency"] = {**result.timings, "total": time.perf_counter() - start}
             self.stats["gps"] = result.gps_note if hint is not None else gps_note
             self.stats["heading"] = heading_note
+
+    def _heading_hint(self, heading: tuple[float, float] | None, stamp: float) -> tuple[float | None, str]:
+        """The compass heading hint for a frame stamped `stamp` (None when there is none), and why."""
+        if self.p["heading_source"] == "none":
+            return None, "not used (heading_source none)"
+        if heading is None:
+            return None, f"no {self.p['heading_source']} heading received"
+        if not fresh_fix(heading[1], stamp, self.p["heading_max_age_s"]):
+            return None, f"newest heading is {abs(stamp - heading[1]):.2f} s from the image stamp: not used"
+        return heading[0], f"{heading[0]:.1f} deg (compass) from {self.p['heading_source']}"
 
     def _publish(self, header, result) -> None:
         """~/pose in the map frame; ~/fix in the camera's frame (the position estimated is the camera's)."""

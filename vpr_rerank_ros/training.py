@@ -197,7 +197,7 @@ def train(model: LearnedReranker, train_sets: list[CandidateSet], val_sets: list
     DistributedDataParallel and each rank takes its share of every batch, weighted so that the gradient is the
     whole batch's; rank 0 validates and writes."""
     workers = workers or distributed.workers(device)
-    log = log if workers.main else _silent
+    log = workers.quiet(log)
     if not train_sets or not val_sets:
         raise ValueError("training needs at least one training and one validation candidate set")
     out = Path(out)
@@ -219,17 +219,15 @@ def train(model: LearnedReranker, train_sets: list[CandidateSet], val_sets: list
     baseline = retrieval_map10(val_sets, settings.K)
     run_id = {"settings": asdict(settings), "model": asdict(model.config),
               "queries": [list(data.relevant.shape) for data in train_sets + val_sets]}
+    net = _parallel(model, workers, device)          # before rank 0's validation fills its inference caches
     state = _read_state(out / STATE, run_id)
     if state is not None:
         _restore_state(state, model, optimiser, schedule, rng, device)
-        rows_log, best_map = state["log"], state["best_map"]
-        best = out / state["best"] if state["best"] else None
+        rows_log = state["log"]
         log(f"resuming after epoch {len(rows_log) - 1}/{settings.epochs} from {out / STATE}")
-    net = _parallel(model, workers, device)          # before rank 0's validation fills its inference caches
-    if state is None:
+    else:
         initial = workers.broadcast(validation_map10(model, val_sets, settings.K, device) if workers.main else None)
         rows_log = [{"epoch": 0, "loss": float("nan"), "lr": float("nan"), "val_map@10": initial, "seconds": 0.0}]
-        best, best_map = None, -1.0
         log(f"epoch 0/{settings.epochs} (initial model): val mAP@10 {100 * initial:.2f} (retrieval order "
             f"{100 * baseline:.2f})")
     autocast = torch.autocast("cuda", torch.bfloat16, enabled=settings.mixed_precision and "cuda" in device)
@@ -260,33 +258,33 @@ def train(model: LearnedReranker, train_sets: list[CandidateSet], val_sets: list
             loss_sum += loss.item()
         lr = optimiser.param_groups[0]["lr"]
         schedule.step()
-        path = out / f"epoch_{epoch:02d}.safetensors"
         score = None
         if workers.main:
-            save_reranker(model, path)
+            save_reranker(model, out / f"epoch_{epoch:02d}.safetensors")
             score = validation_map10(model, val_sets, settings.K, device)
         score = workers.broadcast(score)
         row = {"epoch": epoch, "loss": workers.sum(loss_sum) / (workers.world * len(batches)), "lr": lr,
                "val_map@10": score, "seconds": time.monotonic() - start}
         rows_log.append(row)
-        if score > best_map:
-            best, best_map = path, score
         if workers.main:
-            _write_state(out / STATE, run_id, model, optimiser, schedule, rng, device, rows_log, best, best_map)
+            _write_state(out / STATE, run_id, model, optimiser, schedule, rng, device, rows_log)
         workers.barrier()
         log(f"epoch {epoch}/{settings.epochs}: loss {row['loss']:.4f}, lr {lr:.3g}, val mAP@10 {100 * score:.2f}, "
             f"{row['seconds']:.0f} s")
     if workers.main:
-        _keep_best(out, rows_log, best, best_map, baseline, allow_worse, log)
+        _keep_best(out, rows_log, baseline, allow_worse, log)
     workers.barrier()                                 # the other ranks go on once best.safetensors is there
     return out / "best.safetensors"
 
 
-def _keep_best(out: Path, rows_log: list[dict], best: Path, best_map: float, baseline: float, allow_worse: bool,
+def _keep_best(out: Path, rows_log: list[dict], baseline: float, allow_worse: bool,
                log: Callable[[str], None]) -> None:
-    """Write log.csv and copy the best epoch to best.safetensors (atomically), unless it is worse than the
-    retrieval order and that is not allowed."""
+    """Write log.csv and copy the best epoch (highest validation mAP@10, the first on ties; epoch 0 is not a
+    candidate) to best.safetensors (atomically), unless it is worse than the retrieval order and that is not
+    allowed."""
     _write_log(out / "log.csv", rows_log)
+    chosen = max(rows_log[1:], key=lambda row: row["val_map@10"])
+    best, best_map = out / f"epoch_{chosen['epoch']:02d}.safetensors", chosen["val_map@10"]
     if best_map < baseline and not allow_worse:
         raise ValueError(f"no epoch beat the retrieval order on validation (best {best.name}: mAP@10 "
                          f"{100 * best_map:.2f} < {100 * baseline:.2f}); best.safetensors not written (the epochs "
@@ -299,10 +297,6 @@ def _keep_best(out: Path, rows_log: list[dict], best: Path, best_map: float, bas
 
 
 STATE = "last.pt"   # the epoch loop's state after its last complete epoch (see `train`)
-
-
-def _silent(_: str) -> None:
-    """The log of ranks other than 0."""
 
 
 def _parallel(model: LearnedReranker, workers: distributed.Workers, device: str) -> torch.nn.Module:
@@ -318,14 +312,13 @@ def _parallel(model: LearnedReranker, workers: distributed.Workers, device: str)
                                    find_unused_parameters=model.config.variant == "csa")  # its head: CSA loss only
 
 
-def _write_state(path: Path, run_id: dict, model, optimiser, schedule, rng, device: str, rows_log: list,
-                 best: Path | None, best_map: float) -> None:
+def _write_state(path: Path, run_id: dict, model, optimiser, schedule, rng, device: str, rows_log: list) -> None:
     """Everything the loop needs to continue, written to a temporary file and renamed over `path`: a kill
     leaves either the previous epoch's state or this one's, never half of one."""
     state = {"run": run_id, "model": model.state_dict(),
              "optimiser": optimiser.state_dict(), "schedule": schedule.state_dict(),
              "numpy_rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
-             "log": rows_log, "best": best.name if best else None, "best_map": best_map}
+             "log": rows_log}
     if torch.device(device).type == "cuda":
         state["cuda_rng"] = torch.cuda.get_rng_state(device)
     partial = path.with_name(path.name + ".partial")
