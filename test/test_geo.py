@@ -1,14 +1,16 @@
-"""Geodesy (UTM, ENU, headings) and field-of-view overlap, fast path against the shapely reference."""
+"""Geodesy (UTM, ENU, headings) and field-of-view overlap, closed form against finely segmented shapely polygons."""
 import math
 
 import numpy as np
 import pyproj
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from vpr_rerank_ros.geo import (EnuFrame, OverlapGraph, UtmZone, fov_overlap, fov_sector, heading_difference,
-                                heading_to_yaw, latlon_to_utm, meridian_convergence_deg, quaternion_yaw,
-                                utm_to_latlon, utm_zone_for, yaw_to_heading)
+from vpr_rerank_ros.geo import (EnuFrame, OverlapGraph, UtmZone, _fov_overlap_shapely, fov_overlap, fov_sector,
+                                heading_difference, heading_to_yaw, latlon_to_utm, meridian_convergence_deg,
+                                quaternion_yaw, utm_to_latlon, utm_zone_for, yaw_to_heading)
 
 GEOD = pyproj.Geod(ellps="WGS84")
 
@@ -118,7 +120,7 @@ def test_quaternion_yaw_is_the_rotation_about_z_whatever_the_tilt():
 # ------------------------------------------------------------------ FoV overlap
 
 
-def random_pairs(n, seed=0, max_dist=120.0):
+def random_pairs(n, seed=0, max_dist=110.0):
     rng = np.random.default_rng(seed)
     a = np.c_[rng.uniform(-1000, 1000, (n, 2)) + [500000.0, 6170000.0], rng.uniform(0, 360, n)]
     d, ang = rng.uniform(0, max_dist, n), rng.uniform(0, 2 * np.pi, n)
@@ -126,13 +128,80 @@ def random_pairs(n, seed=0, max_dist=120.0):
     return a, b
 
 
-def test_fast_overlap_within_001_of_exact_on_10000_pairs():
-    a, b = random_pairs(10_000)
-    exact = fov_overlap(a, b, exact=True)
-    fast = fov_overlap(a, b)
-    assert fast.shape == exact.shape == (10_000,)
-    assert np.abs(fast - exact).max() <= 0.01
-    assert 0.1 < (exact > 0).mean() < 0.9  # the sample spans overlapping and disjoint pairs
+def shapely_tolerance(fov_deg, arc_segments):
+    """Bound on shapely's own error: each polygon misses its sector's arc caps (area `missed`), so the ratio of
+    polygon areas is within 2·missed/polygon of the true ratio; plus float rounding."""
+    half = math.radians(fov_deg) / 2
+    polygon = arc_segments / 2 * math.sin(2 * half / arc_segments)
+    return 2 * (half - polygon) / polygon + 1e-9
+
+
+def shapely_reference(a, b, fov_deg=90.0, arc_segments=4096):
+    """Finely segmented shapely overlap, in coordinates relative to a (shapely rounds UTM coordinates)."""
+    a, b = np.broadcast_arrays(np.asarray(a, np.float64), np.asarray(b, np.float64))
+    origin = np.concatenate([a[..., :2], np.zeros(a.shape[:-1] + (1,))], axis=-1)
+    return _fov_overlap_shapely(a - origin, b - origin, 50.0, fov_deg, arc_segments)
+
+
+@pytest.mark.parametrize("fov_deg", [30.0, 90.0, 180.0])
+def test_closed_form_matches_finely_segmented_shapely(fov_deg):
+    a, b = random_pairs(400, seed=int(fov_deg))
+    # Hard cases among them: identical poses, one apex (headings a multiple of the half angle apart: collinear
+    # edges), same heading (parallel edges), opposite headings.
+    b[:20] = a[:20]
+    b[20:60, :2] = a[20:60, :2]
+    b[20:60, 2] = a[20:60, 2] + np.arange(-20, 20) * fov_deg / 2
+    b[60:80, 2] = a[60:80, 2]
+    b[80:100, 2] = a[80:100, 2] + 180.0
+    got = fov_overlap(a, b, fov_deg=fov_deg)
+    assert np.abs(got - shapely_reference(a, b, fov_deg)).max() <= shapely_tolerance(fov_deg, 4096) < 1e-6
+    assert np.abs(got - fov_overlap(b, a, fov_deg=fov_deg)).max() <= 1e-12
+    assert got.min() >= 0.0 and got.max() <= 1.0 and 0.1 < (got > 0).mean() < 0.9
+    assert np.abs(got[:20] - 1.0).max() <= 1e-12
+
+
+@pytest.mark.parametrize("a, b, expected", [
+    ([0, 0, 33], [0, 0, 33], 1.0),                       # identical
+    ([0, 0, 33], [0, 0, 78], 0.5),                       # one apex, headings 45° apart
+    ([0, 0, 33], [0, 0, 123], 0.0),                      # one apex, edges collinear: touching
+    ([0, 0, 33], [0, 0, 213], 0.0),                      # one apex, opposite
+    ([0, 0, 90], [100, 0, 270], 0.0),                    # arcs touching at one point, 2r apart
+    ([0, 0, 90], [100.001, 0, 270], 0.0),                # just out of reach
+    ([0, 0, 90], [50, -20, 45], 0.0),                    # B's edge tangent to A's arc from outside
+    ([0, 0, 90], [50, -20, 315], None),                  # B's edge tangent to A's arc, B over A
+    ([0, 0, 0], [0, 60, 180], None),                     # facing each other
+    ([0, 0, 0], [0, 30, 0], None),                       # B ahead, same heading: parallel edges
+    ([0, 0, 0], [30 * math.sin(math.pi / 4), 30 * math.cos(math.pi / 4), 0], None),   # B's apex on A's edge
+    ([0, 0, 0], [0, -10, 0], None),                      # A's apex inside B
+    ([0, 0, 0], [0, 10, 180], None),                     # apexes inside each other, opposite headings
+    ([0, 0, 0], [1e-9, 0, 0], 1.0),                      # apexes a nanometre apart
+    ([0, 0, 0], [0, 99.999, 180], None),                 # lens of two arcs almost touching
+])
+@pytest.mark.parametrize("utm", [False, True])
+def test_closed_form_hard_cases(a, b, expected, utm):
+    offset = np.array([500000.0, 6170000.0, 0.0]) if utm else np.zeros(3)
+    a, b = np.asarray(a, np.float64) + offset, np.asarray(b, np.float64) + offset
+    got, reverse = float(fov_overlap(a, b)), float(fov_overlap(b, a))
+    # At an exact tangency a crossing point is only known to about sqrt(float64 epsilon).
+    assert got == pytest.approx(reverse, abs=1e-7) and 0.0 <= got <= 1.0
+    assert got == pytest.approx(float(shapely_reference(a, b)), abs=shapely_tolerance(90.0, 4096))
+    if expected is not None:
+        assert got == pytest.approx(expected, abs=1e-6)
+
+
+@settings(max_examples=150, deadline=None)
+@given(dist=st.one_of(st.floats(0.0, 110.0), st.sampled_from([0.0, 50.0, 100.0, 70.71067811865476])),
+       bearing=st.one_of(st.floats(0.0, 360.0), st.sampled_from([0.0, 45.0, 90.0, 180.0])),
+       heading_a=st.one_of(st.floats(0.0, 360.0), st.sampled_from([0.0, 45.0, 90.0])),
+       turn=st.one_of(st.floats(-360.0, 360.0), st.sampled_from([0.0, 15.0, 45.0, 90.0, 180.0])),
+       fov_deg=st.one_of(st.floats(1.0, 180.0), st.sampled_from([30.0, 90.0, 180.0])))
+def test_closed_form_matches_shapely_on_any_pair(dist, bearing, heading_a, turn, fov_deg):
+    a = np.array([0.0, 0.0, heading_a])
+    b = np.array([dist * math.sin(math.radians(bearing)), dist * math.cos(math.radians(bearing)), heading_a + turn])
+    got = float(fov_overlap(a, b, fov_deg=fov_deg))
+    assert 0.0 <= got <= 1.0 and got == pytest.approx(float(fov_overlap(b, a, fov_deg=fov_deg)), abs=1e-7)
+    reference = _fov_overlap_shapely(a, b, 50.0, fov_deg, 2048)
+    assert got == pytest.approx(float(reference), abs=shapely_tolerance(fov_deg, 2048))
 
 
 @pytest.mark.parametrize("exact", [False, True])
@@ -141,23 +210,25 @@ def test_overlap_special_cases(exact):
     assert fov_overlap(p, p, exact=exact) == pytest.approx(1.0, abs=1e-6)
     assert fov_overlap(p, [p[0] + 150.0, p[1], 33.0], exact=exact) == 0.0
     # Same apex: heading 45° apart overlaps by half, 90° apart only along an edge, opposite not at all.
-    assert fov_overlap(p, [p[0], p[1], 78.0], exact=exact) == pytest.approx(0.5, abs=0.01)
-    assert fov_overlap(p, [p[0], p[1], 123.0], exact=exact) == pytest.approx(0.0, abs=0.01)
+    assert fov_overlap(p, [p[0], p[1], 78.0], exact=exact) == pytest.approx(0.5, abs=1e-6)
+    assert fov_overlap(p, [p[0], p[1], 123.0], exact=exact) == pytest.approx(0.0, abs=1e-6)
     assert fov_overlap(p, [p[0], p[1], 213.0], exact=exact) == pytest.approx(0.0, abs=1e-6)
     # Looking at each other from 60 m apart: a lens-shaped overlap, symmetric.
     q = [p[0], p[1] + 60.0, 213.0]
     ab, ba = fov_overlap(p, q, exact=exact), fov_overlap(q, p, exact=exact)
-    assert 0.05 < ab < 0.5 and ab == pytest.approx(ba, abs=0.01)
+    assert 0.05 < ab < 0.5 and ab == pytest.approx(ba, abs=1e-6)
 
 
 def test_overlap_configurable_sector():
     p = [0.0, 0.0, 0.0]
     # A 180° sector holds a 90° sector with the same axis: overlap = half of the larger sector.
-    assert fov_overlap(p, [0.0, 0.0, 45.0], fov_deg=180.0) == pytest.approx(0.75, abs=0.01)
+    assert fov_overlap(p, [0.0, 0.0, 45.0], fov_deg=180.0) == pytest.approx(0.75, abs=1e-12)
     assert fov_overlap(p, [0.0, 80.0, 0.0], radius=50.0) == 0.0
     larger = fov_overlap(p, [0.0, 80.0, 0.0], radius=100.0)
     assert larger > 0.03
-    assert larger == pytest.approx(fov_overlap(p, [0.0, 80.0, 0.0], radius=100.0, exact=True), abs=0.01)
+    assert larger == pytest.approx(fov_overlap(p, [0.0, 80.0, 0.0], radius=100.0, exact=True), abs=1e-5)
+    # The overlap depends on lengths relative to r only.
+    assert larger == pytest.approx(fov_overlap(p, [0.0, 40.0, 0.0], radius=50.0), abs=1e-12)
     assert fov_sector(0, 0, 0).area == pytest.approx(math.pi * 50**2 / 4, rel=1e-4)
 
 
@@ -166,8 +237,10 @@ def test_overlap_broadcasts_to_matrices():
     k = np.c_[rng.uniform(0, 100, (7, 2)), rng.uniform(0, 360, 7)]
     m = fov_overlap(k[:, None, :], k[None, :3, :])
     assert m.shape == (7, 3)
-    assert np.allclose(m, fov_overlap(k[:, None, :], k[None, :3, :], exact=True), atol=0.01)
+    assert np.allclose(m, fov_overlap(np.repeat(k[:, None], 3, 1), np.repeat(k[None, :3], 7, 0)), atol=0)
+    assert np.allclose(m, fov_overlap(k[:, None, :], k[None, :3, :], exact=True), atol=1e-5)
     assert np.allclose(np.diag(m[:3]), 1.0)
+    assert fov_overlap(k[:0], k[:0]).shape == (0,) and fov_overlap(k[0], k[1]).shape == ()
 
 
 def test_overlap_torch_input_returns_tensor_and_matches_numpy():
@@ -175,26 +248,34 @@ def test_overlap_torch_input_returns_tensor_and_matches_numpy():
     expected = fov_overlap(a, b)
     out = fov_overlap(torch.from_numpy(a), torch.from_numpy(b))
     assert isinstance(out, torch.Tensor) and out.dtype == torch.float64
-    assert np.allclose(out.numpy(), expected, atol=1e-6)
-    # float32 tensors hold local (not UTM) coordinates well enough.
+    assert np.array_equal(out.numpy(), expected)
+    # float32 tensors hold local (not UTM) coordinates well enough; their result is float32.
     local_a, local_b = a.copy(), b.copy()
     local_a[:, :2] -= a[:, :2]
     local_b[:, :2] -= a[:, :2]
     out32 = fov_overlap(torch.tensor(local_a, dtype=torch.float32), torch.tensor(local_b, dtype=torch.float32))
-    assert out32.dtype == torch.float32 and np.allclose(out32.numpy(), expected, atol=1e-4)
+    assert out32.dtype == torch.float32 and np.allclose(out32.numpy(), expected, atol=1e-5)
+    assert fov_overlap(torch.tensor(local_a, dtype=torch.float32), local_b).dtype == torch.float64
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
 def test_overlap_cuda_matches_cpu():
-    a, b = random_pairs(2000, seed=6)
+    a, b = random_pairs(20_000, seed=6)
     cpu = fov_overlap(a, b)
     gpu = fov_overlap(torch.from_numpy(a).cuda(), torch.from_numpy(b).cuda())
-    assert gpu.is_cuda and np.allclose(gpu.cpu().numpy(), cpu, atol=1e-5)
+    assert gpu.is_cuda and gpu.dtype == torch.float64
+    assert np.abs(gpu.cpu().numpy() - cpu).max() <= 1e-9
+    rows = torch.from_numpy(a[:64, None]).cuda().float()
+    assert fov_overlap(rows, rows.transpose(0, 1)).dtype == torch.float32
+    with pytest.raises(ValueError, match="different devices"):
+        fov_overlap(torch.from_numpy(a).cuda(), torch.from_numpy(b))
 
 
 def test_overlap_rejects_bad_input():
     with pytest.raises(ValueError, match="NaN"):
         fov_overlap([0.0, np.nan, 0.0], [0.0, 0.0, 0.0])
+    with pytest.raises(ValueError, match="NaN"):
+        fov_overlap([0.0, 0.0, 0.0], torch.tensor([0.0, 0.0, np.inf]))
     with pytest.raises(ValueError, match="NaN"):
         fov_overlap([0.0, np.inf, 0.0], [0.0, 0.0, 0.0], exact=True)
     with pytest.raises(ValueError, match="last dimension of 3"):
@@ -203,6 +284,8 @@ def test_overlap_rejects_bad_input():
         fov_overlap([0, 0, 0], [0, 0, 0], fov_deg=200.0)
     with pytest.raises(ValueError, match="radius"):
         fov_overlap([0, 0, 0], [0, 0, 0], radius=0.0)
+    with pytest.raises(RuntimeError):
+        fov_overlap(np.zeros((3, 3)), np.zeros((2, 3)))
 
 
 # ------------------------------------------------------------------ overlap graph
@@ -239,6 +322,23 @@ def test_overlap_graph_matches_dense_matrix():
         graph.lookup([300], [0])
     with pytest.raises(ValueError, match=r"\(B, R\)"):
         graph.lookup_batch(batch[0])
+
+
+def test_chunked_graph_build_equals_all_pairs():
+    """A few thousand poses along streets, built 128 rows at a time: the same matrix as all pairs at once."""
+    rng = np.random.default_rng(12)
+    street = rng.integers(0, 8, 3000)
+    along, across = rng.uniform(0, 1500, 3000), 60.0 * street + rng.normal(0, 2, 3000)
+    poses = np.c_[np.where(street % 2, along, across) + 300000.0, np.where(street % 2, across, along) + 5000000.0,
+                  rng.uniform(0, 360, 3000)]
+    poses[1::7] = poses[::7][:len(poses[1::7])]             # some duplicated poses
+    graph = OverlapGraph.build(poses, chunk_rows=128)
+    assert graph.matrix.indices.dtype == np.int32 and graph.matrix.data.dtype == np.float32
+    dense = fov_overlap(poses[:, None, :], poses[None, :, :]).astype(np.float32)
+    np.fill_diagonal(dense, 1.0)
+    assert np.array_equal(graph.matrix.toarray(), np.where(dense > 0, dense, 0))
+    assert graph.matrix.nnz == (dense > 0).sum() > 20 * len(poses)
+    assert OverlapGraph.build(np.zeros((0, 3))).size == 0
 
 
 def test_overlap_graph_save_load(tmp_path):

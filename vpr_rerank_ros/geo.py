@@ -210,16 +210,15 @@ def _as_poses(x) -> np.ndarray | torch.Tensor:
     return x if isinstance(x, torch.Tensor) else np.asarray(x, dtype=np.float64)
 
 
-def fov_overlap(a, b, radius: float = FOV_RADIUS_M, fov_deg: float = FOV_ANGLE_DEG, exact: bool = False,
-                samples: int = 64):
-    """Positional affinity: area(sector(a) ∩ sector(b)) / area(one sector), in [0, 1].
+def fov_overlap(a, b, radius: float = FOV_RADIUS_M, fov_deg: float = FOV_ANGLE_DEG, exact: bool = False):
+    """Positional affinity: area(sector(a) ∩ sector(b)) / area(one sector), in [0, 1] and symmetric.
 
     `a`, `b`: (..., 3) array-likes or torch tensors of (easting m, northing m, heading deg) that broadcast;
-    the result has the broadcast shape: a tensor on the inputs' device when the fast path gets a tensor,
-    a NumPy array otherwise.
-    `exact=True` intersects shapely polygons (CPU, slow). The default integrates along `samples` rays
-    cast across each sector's opening from its apex and averages both directions, so it is symmetric;
-    it is vectorized, runs on CUDA tensors and stays within 0.01 of the exact value (test/test_geo.py).
+    the result has the broadcast shape: a tensor on the inputs' device when one of them is a tensor (float32
+    when both are float32 tensors, float64 otherwise), a float64 NumPy array otherwise.
+    The default computes the area in closed form (`_sector_overlap`: vectorized torch, CPU or CUDA).
+    `exact=True` intersects shapely polygons whose arcs have 512 segments instead (CPU, slow): the
+    independent reference of the tests and benchmarks.
     """
     _check_fov(radius, fov_deg)
     a, b = _as_poses(a), _as_poses(b)
@@ -229,27 +228,28 @@ def fov_overlap(a, b, radius: float = FOV_RADIUS_M, fov_deg: float = FOV_ANGLE_D
     if exact:
         a = a.detach().cpu().double().numpy() if isinstance(a, torch.Tensor) else a
         b = b.detach().cpu().double().numpy() if isinstance(b, torch.Tensor) else b
-        return _fov_overlap_exact(a, b, radius, fov_deg)
+        return _fov_overlap_shapely(a, b, radius, fov_deg)
     tensors = [x for x in (a, b) if isinstance(x, torch.Tensor)]
     if not tensors:
-        return _fov_overlap_rays(torch.from_numpy(a), torch.from_numpy(b), radius, fov_deg, samples).numpy()
+        return _sector_overlap(torch.from_numpy(a), torch.from_numpy(b), radius, fov_deg).numpy()
     if len({t.device for t in tensors}) > 1:
         raise ValueError(f"poses are on different devices: {a.device} and {b.device}")
-    # float64 unless every input is a lower-precision tensor (UTM coordinates need float64).
+    device = tensors[0].device
+    out = _sector_overlap(torch.as_tensor(a, dtype=torch.float64, device=device),
+                          torch.as_tensor(b, dtype=torch.float64, device=device), radius, fov_deg)
     low = len(tensors) == 2 and all(t.dtype in (torch.float32, torch.float16, torch.bfloat16) for t in tensors)
-    dtype, device = (torch.float32 if low else torch.float64), tensors[0].device
-    return _fov_overlap_rays(torch.as_tensor(a, dtype=dtype, device=device),
-                             torch.as_tensor(b, dtype=dtype, device=device), radius, fov_deg, samples)
+    return out.float() if low else out
 
 
-def _fov_overlap_exact(a: np.ndarray, b: np.ndarray, radius: float, fov_deg: float) -> np.ndarray:
+def _fov_overlap_shapely(a: np.ndarray, b: np.ndarray, radius: float, fov_deg: float,
+                         arc_segments: int = 512) -> np.ndarray:
+    """The overlap of shapely polygons whose arcs have `arc_segments` segments (the reference)."""
     a, b = np.broadcast_arrays(a, b)
     shape = a.shape[:-1]
     a, b = a.reshape(-1, 3), b.reshape(-1, 3)
     _check_finite_poses(a, b)
-    rings_a = _sector_rings(a, radius, fov_deg, 512)
-    rings_b = _sector_rings(b, radius, fov_deg, 512)
-    pa, pb = shapely.polygons(rings_a), shapely.polygons(rings_b)
+    pa = shapely.polygons(_sector_rings(a, radius, fov_deg, arc_segments))
+    pb = shapely.polygons(_sector_rings(b, radius, fov_deg, arc_segments))
     ratio = shapely.area(shapely.intersection(pa, pb)) / shapely.area(pa)
     return np.clip(ratio, 0.0, 1.0).reshape(shape)
 
@@ -261,56 +261,121 @@ def _check_finite_poses(*poses) -> None:
             raise ValueError("poses contain NaN or inf")
 
 
-def _fov_overlap_rays(a: torch.Tensor, b: torch.Tensor, radius: float, fov_deg: float, samples: int,
-                      chunk: int = 4096) -> torch.Tensor:
-    """Midpoint rule over rays from a's apex: each ray's length inside sector b gives ∫ρ dρ exactly."""
-    a, b = torch.broadcast_tensors(a, b)
-    shape, dtype = a.shape[:-1], a.dtype
-    a, b = a.reshape(-1, 3), b.reshape(-1, 3)
+_PAIRS_PER_CHUNK = {"cpu": 1 << 13, "cuda": 1 << 22}   # bounds the temporaries (CPU: they stay in the L2 cache)
+
+
+def _sector_overlap(a: torch.Tensor, b: torch.Tensor, radius: float, fov_deg: float) -> torch.Tensor:
+    """`fov_overlap` of broadcasting (..., 3) float64 tensors: `_pair_overlap` on the pairs whose apexes are
+    closer than 2r (the others are 0), a chunk of pairs at a time."""
     _check_finite_poses(a, b)
-    # Only relative geometry matters: difference in the input precision (UTM coordinates need float64),
-    # then integrate in float32, which is plenty for metres and degrees within 2r.
-    rel = torch.cat([a[:, :2] - b[:, :2], a[:, 2:3], b[:, 2:3]], dim=1).float()
-    out = torch.zeros(a.shape[0], dtype=torch.float32, device=a.device)
-    # Sectors whose apexes are 2r or more apart cannot overlap: only near pairs are integrated.
-    near = torch.nonzero((rel[:, :2] ** 2).sum(-1) < (2 * radius) ** 2).squeeze(1)
+    shape = torch.broadcast_shapes(a.shape[:-1], b.shape[:-1])
+    # B's apex and axis in A's frame (apex at the origin, axis along x, lengths in units of r): coordinates are
+    # subtracted in float64 (UTM needs it), and each pose's axis direction is computed once, not once per pair.
+    ca, sa = _axis_direction(a)
+    cb, sb = _axis_direction(b)
+    dx, dy = (b[..., 0] - a[..., 0]) / radius, (b[..., 1] - a[..., 1]) / radius
+    rel = torch.stack(torch.broadcast_tensors(ca * dx + sa * dy, ca * dy - sa * dx, ca * cb + sa * sb,
+                                              ca * sb - sa * cb)).reshape(4, -1)
+    near = torch.nonzero(rel[0] * rel[0] + rel[1] * rel[1] < 4.0).squeeze(1)
+    rel = rel[:, near]
     half = math.radians(fov_deg) / 2
-    offsets = (torch.arange(samples, dtype=torch.float32, device=a.device) + 0.5) * (2 * half / samples) - half
-    for start in range(0, near.numel(), chunk):
-        ab = rel[near[start:start + chunk]]
-        ba = torch.cat([-ab[:, :2], ab[:, 3:4], ab[:, 2:3]], dim=1)
-        # Casting from both apexes makes the result symmetric and halves the quadrature error.
-        out[near[start:start + chunk]] = 0.5 * (_ray_coverage(ab, offsets, radius, half).mean(-1)
-                                                + _ray_coverage(ba, offsets, radius, half).mean(-1))
-    return out.to(dtype).reshape(shape)
+    step = _PAIRS_PER_CHUNK.get(a.device.type, _PAIRS_PER_CHUNK["cuda"])
+    out = torch.zeros(shape.numel(), dtype=torch.float64, device=a.device)
+    for start in range(0, len(near), step):
+        out[near[start:start + step]] = _pair_overlap(*rel[:, start:start + step], half)
+    return out.reshape(shape)
 
 
-def _ray_coverage(rel: torch.Tensor, offsets: torch.Tensor, radius: float, half: float) -> torch.Tensor:
-    """(n, S) value (ρ_hi² − ρ_lo²)/r² of the part of each ray from a's apex that lies inside sector b.
+def _axis_direction(poses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the ENU angle of (..., 3) poses' axes (90° − heading)."""
+    heading = torch.deg2rad(poses[..., 2])
+    return torch.sin(heading), torch.cos(heading)
 
-    `rel` rows are (a's apex minus b's apex: dx, dy, heading of a, heading of b).
+
+def _wrap(angle: torch.Tensor) -> torch.Tensor:
+    """Angles in radians wrapped into [−π, π]."""
+    return angle - (2 * math.pi) * torch.round(angle * (0.5 / math.pi))
+
+
+def _pair_overlap(p: torch.Tensor, q: torch.Tensor, cd: torch.Tensor, sd: torch.Tensor, half: float) -> torch.Tensor:
+    """Exact area(A ∩ B) / area(A) for (n,) pairs of sectors of radius 1 and half-angle `half` ≤ π/2, in A's
+    frame (apex at the origin, axis along x): B's apex at (p, q), its axis at the angle of cos `cd`, sin `sd`.
+
+    Green's theorem: the area is ½∮(x dy − y dx) along the boundary of A ∩ B, which is the part of A's boundary
+    inside B and the part of B's boundary inside A. With the origin at A's apex, A's straight edges add nothing,
+    a piece of A's arc adds ½·(its angle), a piece of B's arc ½·(its angle + cross(B's apex, its chord)) and a
+    piece t ∈ [t0, t1] of one of B's edges (p, q) + t·e adds ½·(t1 − t0)·cross((p, q), e).
     """
-    ray = torch.deg2rad(90.0 - rel[:, 2:3]) + offsets        # (n, S) ray angles, ENU
-    ux, uy = torch.cos(ray), torch.sin(ray)
-    dx, dy = rel[:, 0:1], rel[:, 1:2]
-    # Inside b's disc: |d + ρu|² ≤ r²  ⇔  ρ² + 2ρ(u·d) + |d|² − r² ≤ 0.
-    ud = ux * dx + uy * dy
-    disc = ud * ud - (dx * dx + dy * dy - radius * radius)
-    root = torch.sqrt(torch.clamp(disc, min=0.0))
-    lo = torch.clamp(-ud - root, min=0.0)
-    hi = torch.clamp(-ud + root, max=radius)
-    inside = disc >= 0
-    # Inside b's wedge (convex for angles ≤ 180°): on the inner side of both edge lines, n·(d + ρu) ≥ 0.
-    axis_b = torch.deg2rad(90.0 - rel[:, 3:4])
-    for normal in (axis_b - half + math.pi / 2, axis_b + half - math.pi / 2):
-        nx, ny = torch.cos(normal), torch.sin(normal)
-        nd = nx * dx + ny * dy                                # (n, 1)
-        nu = nx * ux + ny * uy                                # (n, S)
-        bound = -nd / torch.where(nu == 0, torch.ones_like(nu), nu)
-        lo = torch.where(nu > 0, torch.maximum(lo, bound), lo)
-        hi = torch.where(nu < 0, torch.minimum(hi, bound), hi)
-        inside = inside & ((nu != 0) | (nd >= 0))
-    return torch.where(inside & (hi > lo), (hi * hi - lo * lo) / (radius * radius), torch.zeros_like(lo))
+    ch, sh = math.cos(half), math.sin(half)
+    delta = torch.atan2(sd, cd)
+    # B's right and left edge directions (angles delta ∓ half) and cross((p, q), e) of each.
+    ex = torch.stack([cd * ch + sd * sh, cd * ch - sd * sh])
+    ey = torch.stack([sd * ch - cd * sh, sd * ch + cd * sh])
+    cross = p * ey - q * ex
+    inner_a = torch.stack([sh * p + ch * q, sh * p - ch * q])     # ≥ 0: B's apex inside A's right, left edge line
+    dist2 = p * p + q * q
+    dist = torch.sqrt(dist2)
+    towards_b = torch.atan2(q, p)
+    # Row 0: A's arc (angles about A's axis) inside B; row 1: B's arc (about B's axis) inside A. Each arc is inside
+    # the other circle within acos(dist/2) of the direction to the other apex: when the apexes coincide, so do the
+    # circles, and the two arcs split them into complementary halves, so the common arc still counts once. Each edge
+    # line of the other sector keeps the angles φ with cos(φ − centre) ≥ v (centre: the line's inward normal).
+    lens = torch.acos((0.5 * dist).clamp(max=1.0))
+    towards_a = _wrap(towards_b + math.pi - delta)
+    offsets = p.new_tensor([math.pi / 2 - half, half - math.pi / 2])[:, None]
+    starts, ends = _arc_inside(half, torch.stack([towards_b, towards_a]), lens,
+                               torch.stack([delta + offsets, offsets - delta]),
+                               torch.stack([torch.stack([-cross[0], cross[1]]), -inner_a]))
+    signs = p.new_tensor([0.5, -0.5, -0.5, 0.5])
+    angles = ends - starts
+    # cross(B's apex, chord) of a piece of B's arc, in B's frame: B's apex is at dist·u(towards_a + π), the chord
+    # 2·sin(angle/2)·u(middle + π/2), so the product is −2·dist·sin(angle/2)·cos(middle − towards_a).
+    chords = torch.sin(0.5 * angles[:, 1]) * torch.cos(0.5 * (ends[:, 1] + starts[:, 1]) - towards_a)
+    edges = _edge_inside(p, q, ex, ey, cd, sd, inner_a, dist2, half) * cross
+    area = signs @ (angles.sum(1) - 2.0 * dist * chords) + 0.5 * (edges[0] - edges[1])
+    return (area / half).clamp(0.0, 1.0)
+
+
+def _arc_inside(half: float, disc_centre: torch.Tensor, disc_width: torch.Tensor, line_centre: torch.Tensor,
+                line_v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The part of (2, n) arcs (angles φ ∈ [−half, half] about their axis) inside the other sector: the angles
+    within `disc_width` of `disc_centre` with cos(φ − centre) ≥ v for both (2 arcs, 2 lines, n) `line_centre`,
+    `line_v`. Returns (4, 2, n) starts and ends (end ≥ start) of intervals I, I∩E1, I∩E2, I∩E1∩E2 whose signed
+    sum (+, −, −, +) is that part: I what the disc and lines allow, E1 and E2 what each line forbids besides."""
+    width = torch.acos(line_v.clamp(-1.0, 1.0))
+    # v ≥ 0 allows centre ± acos(v) (at most π/2 each side), v < 0 forbids the opposite ± (π − acos(v)); an arc
+    # of at most π meets either one as a single interval once its centre is wrapped into [−π, π]. (v = ±0 may go
+    # either way: both describe the same half circle.)
+    forbids = 5.0 - torch.copysign(line_v.new_tensor(5.0), line_v)        # 10 if v < 0, else 0
+    centre = _wrap(line_centre)
+    start = torch.maximum((disc_centre - disc_width).clamp(min=-half), (centre - width - forbids).amax(1))
+    end = torch.minimum((disc_centre + disc_width).clamp(max=half), (centre + width + forbids).amin(1))
+    opposite = centre - torch.copysign(centre.new_tensor(math.pi), centre)
+    gap = (math.pi - 10.0) - width + forbids
+    (lo1, lo2), (hi1, hi2) = (opposite - gap).unbind(1), (opposite + gap).unbind(1)
+    start1, end1 = torch.maximum(start, lo1), torch.minimum(end, hi1)
+    starts = torch.stack([start, start1, torch.maximum(start, lo2), torch.maximum(start1, lo2)])
+    ends = torch.stack([end, end1, torch.minimum(end, hi2), torch.minimum(end1, hi2)])
+    return starts, torch.maximum(ends, starts)
+
+
+def _edge_inside(p: torch.Tensor, q: torch.Tensor, ex: torch.Tensor, ey: torch.Tensor, cd: torch.Tensor,
+                 sd: torch.Tensor, inner: torch.Tensor, dist2: torch.Tensor, half: float) -> torch.Tensor:
+    """Lengths t1 − t0 of the parts of B's (2, n) edges (p, q) + t·(ex, ey), t ∈ [0, 1], inside sector A (apex at
+    the origin, axis along x); (cd, sd): B's axis direction, `inner`: (2, n) of `_pair_overlap`, dist2: p² + q²."""
+    pe = p * ex + q * ey
+    root = torch.sqrt((pe * pe - dist2 + 1.0).clamp(min=0.0))                 # |(p, q) + t·e| ≤ 1
+    t0, t1 = (-pe - root).clamp(min=0.0), (root - pe).clamp(max=1.0)
+    # Inner side of A's edge line k: inner[k] + t·g[k] ≥ 0, with g the sine of the angle from A's edge line to B's
+    # edge, so t ≥ −inner/g if g > 0 and t ≤ −inner/g if g < 0. A parallel edge (g = ±0) gets ±inf: all or
+    # nothing; the 0/0 of an edge along A's edge line may become anything finite: that edge adds nothing.
+    c2, s2 = math.cos(2 * half), math.sin(2 * half)
+    g = torch.stack([torch.stack([sd, sd * c2 + cd * s2]), torch.stack([cd * s2 - sd * c2, -sd])])
+    bound = torch.nan_to_num(-inner[:, None] / g, nan=0.0)
+    side = torch.copysign(p.new_tensor(3.0), g)
+    t0 = torch.maximum(t0, torch.minimum(bound, side).amax(0))
+    t1 = torch.minimum(t1, torch.maximum(bound, side).amin(0))
+    return (t1 - t0).clamp(min=0.0)
 
 
 # --------------------------------------------------------------------------- map-wide overlap graph
@@ -319,8 +384,8 @@ def _ray_coverage(rel: torch.Tensor, offsets: torch.Tensor, radius: float, half:
 class OverlapGraph:
     """Sparse symmetric FoV-overlap matrix of a map: entry (i, j) > 0 only for overlapping sectors.
 
-    Built once per map with a KD-tree (only pairs closer than 2r are integrated); a frame's K×L
-    positional affinities among map images are then a sparse lookup, never new geometry.
+    Built once per map with KD-trees (only pairs closer than 2r are computed), a chunk of rows at a time; a
+    frame's K×L positional affinities among map images are then a sparse lookup, never new geometry.
     """
 
     def __init__(self, matrix: scipy.sparse.csr_matrix, radius: float, fov_deg: float) -> None:
@@ -335,21 +400,37 @@ class OverlapGraph:
 
     @classmethod
     def build(cls, poses, radius: float = FOV_RADIUS_M, fov_deg: float = FOV_ANGLE_DEG,
-              samples: int = 64) -> "OverlapGraph":
-        """Overlaps of all pairs of (N, 3) poses with overlap > 0; the diagonal is 1."""
+              chunk_rows: int = 4096) -> "OverlapGraph":
+        """Overlaps of all pairs of (N, 3) poses with overlap > 0; the diagonal is 1.
+
+        `chunk_rows` rows at a time: their neighbours closer than 2r (KD-trees), the overlaps of those pairs i < j,
+        and only the positive ones kept (int32 indices, float32 values), so that the memory grows with the stored
+        overlaps and a chunk's candidate pairs, not with all the map's candidate pairs at once."""
         _check_fov(radius, fov_deg)
         poses = np.asarray(poses, dtype=np.float64)
         if poses.ndim != 2 or poses.shape[1] != 3:
             raise ValueError(f"poses must be (N, 3), got {poses.shape}")
+        if chunk_rows < 1:
+            raise ValueError(f"chunk_rows must be positive, got {chunk_rows}")
         _check_finite_poses(poses)
         n = len(poses)
-        pairs = cKDTree(poses[:, :2]).query_pairs(2 * radius, output_type="ndarray") if n else np.zeros((0, 2), int)
-        values = fov_overlap(poses[pairs[:, 0]], poses[pairs[:, 1]], radius, fov_deg, samples=samples)
-        keep = values > 0
-        i, j, v = pairs[keep, 0], pairs[keep, 1], values[keep].astype(np.float32)
-        rows = np.concatenate([i, j, np.arange(n)])
-        cols = np.concatenate([j, i, np.arange(n)])
+        index = np.int32 if n < 2**31 else np.int64
+        tree = cKDTree(poses[:, :2])
+        upper = [(np.zeros(0, index), np.zeros(0, index), np.zeros(0, np.float32))]      # pairs i < j
+        for start in range(0, n, chunk_rows):
+            block = cKDTree(poses[start:start + chunk_rows, :2])
+            near = block.sparse_distance_matrix(tree, 2 * radius, output_type="ndarray")
+            i, j = near["i"] + start, near["j"]
+            i, j = i[j > i], j[j > i]
+            values = fov_overlap(poses[i], poses[j], radius, fov_deg).astype(np.float32)
+            keep = values > 0
+            upper.append((i[keep].astype(index), j[keep].astype(index), values[keep]))
+        i, j, v = (np.concatenate(column) for column in zip(*upper))
+        upper.clear()
+        diagonal = np.arange(n, dtype=index)
+        rows, cols = np.concatenate([i, j, diagonal]), np.concatenate([j, i, diagonal])
         data = np.concatenate([v, v, np.ones(n, np.float32)])
+        del i, j, v
         matrix = scipy.sparse.csr_matrix((data, (rows, cols)), shape=(n, n), dtype=np.float32)
         return cls(matrix, radius, fov_deg)
 
