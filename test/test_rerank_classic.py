@@ -1,7 +1,10 @@
 """Training-free re-rankers: hand-checkable cases and slow, obviously-correct references written from the
-equations (loops are fine here), batching, dtypes and devices."""
+equations (loops are fine here), batching, dtypes and devices. k-reciprocal's reference is the one the
+benchmark times (benchmarks/reference_rerankers.py, loaded by its path: benchmarks/ is not a package)."""
+import importlib.util
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,6 +13,11 @@ import torch.nn.functional as F
 
 from vpr_rerank_ros.rerank import (RerankInputs, Reranker, build_reranker, register, rerank_order, reranker_class,
                                    reranker_defaults, save_reranker)
+
+_spec = importlib.util.spec_from_file_location(
+    "reference_rerankers", Path(__file__).resolve().parents[1] / "benchmarks" / "reference_rerankers.py")
+REFERENCE = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(REFERENCE)
 
 
 def unit(*shape, seed=0):
@@ -117,37 +125,6 @@ def test_superglobal_matches_the_official_procedure(P, beta):
         assert order[b].tolist() == superglobal_reference(q[b], c[b], P, beta)
 
 
-def k_reciprocal_reference(probe, gallery, k1, k2, lam):
-    """Zhong et al.'s re-ranking for one probe against a gallery, with sets and loops (float64)."""
-    feat = np.vstack([probe[None], gallery])
-    n = len(feat)
-    dist = ((feat[:, None] - feat[None]) ** 2).sum(-1)
-    dist = dist / dist.max(axis=1, keepdims=True)
-    rank = np.argsort(dist, axis=1, kind="stable")
-
-    def reciprocal(i, k):
-        forward = rank[i, :k + 1]
-        return {int(j) for j in forward if i in rank[j, :k + 1]}
-
-    v = np.zeros((n, n))
-    for i in range(n):
-        r = reciprocal(i, k1)
-        expansion = set(r)
-        for j in r:
-            rj = reciprocal(j, int(round(k1 / 2)))
-            if len(rj & r) > 2 / 3 * len(rj):
-                expansion |= rj
-        idx = sorted(expansion)
-        w = np.exp(-dist[i, idx])
-        v[i, idx] = w / w.sum()
-    if k2 != 1:
-        v = np.stack([v[rank[i, :k2]].mean(axis=0) for i in range(n)])
-    overlap = np.array([np.minimum(v[0], v[j]).sum() for j in range(n)])
-    jaccard = 1 - overlap / (2 - overlap)
-    final = jaccard * (1 - lam) + dist[0] * lam
-    return np.argsort(final[1:], kind="stable")
-
-
 @pytest.mark.parametrize("k1, k2, lam", [(20, 6, 0.3), (8, 3, 0.5), (5, 1, 0.1)])
 def test_k_reciprocal_matches_the_reference_for_a_whole_gallery(k1, k2, lam):
     # Clustered data, as re-identification galleries are, so that neighbourhoods mean something.
@@ -156,8 +133,8 @@ def test_k_reciprocal_matches_the_reference_for_a_whole_gallery(k1, k2, lam):
     points = F.normalize(centres[torch.arange(60) % 6] + 0.35 * torch.randn(60, 10, generator=g, dtype=torch.float64), dim=1)
     probe, gallery = points[0], points[1:]
     scores = build_reranker("k_reciprocal", k1=k1, k2=k2, lambda_value=lam)(RerankInputs(probe[None], gallery[None]))
-    reference = k_reciprocal_reference(probe.numpy(), gallery.numpy(), k1, k2, lam)
-    assert rerank_order(scores)[0].tolist() == reference.tolist()
+    final = REFERENCE.re_ranking(*REFERENCE.distance_matrices(probe[None].numpy(), gallery.numpy()), k1, k2, lam)
+    assert rerank_order(scores)[0].tolist() == np.argsort(final[0], kind="stable").tolist()
 
 
 def gnn_knn_reference(q, c, k1, k2, alpha, layers):

@@ -70,18 +70,22 @@ class SuperGlobal(Reranker):
     def score(self, inputs: RerankInputs) -> torch.Tensor:
         query, candidates = inputs.query, inputs.candidates
         n = min(self.P + 1, candidates.shape[1])
-        sim = cosine(candidates, candidates)                                  # (B, K, K)
+        sim = cosine(candidates, candidates)                                  # (B, K, K): the one K^2 D product
         values, index = sim.topk(n, dim=2)                                    # self first
         weights = torch.cat([torch.ones_like(values[..., :1]), self.beta * values[..., 1:]], dim=2)
         weights = weights / weights.sum(2, keepdim=True)
-        # The weighted mean over each candidate's P + 1 neighbours, one neighbour rank at a time: (P + 1) K D work
-        # and K D memory, instead of a K x K mixing matrix times the candidates (a second K^2 D product).
-        refined = torch.zeros_like(candidates)
-        for rank in range(n):
-            neighbour = torch.gather(candidates, 1, index[..., rank, None].expand(-1, -1, candidates.shape[2]))
-            refined.addcmul_(weights[..., rank, None], neighbour)
-        first = torch.einsum("bd,bkd->bk", query, refined)                    # s(q, c~_i)
-        best = first.topk(n, dim=1).indices
-        refined_query = torch.gather(refined, 1, best.unsqueeze(-1).expand(-1, -1, refined.shape[2])).amax(1)
-        second = torch.einsum("bd,bkd->bk", refined_query, refined)           # s(q~, c~_i)
+        # The refined candidates c~_i = sum_r weights[i, r] c_index[i, r] are never formed: s(x, c~_i) is the same
+        # weighted sum of the s(x, c_j), so each score costs one K x D matrix-vector product.
+        first = _mixed(weights, index, torch.einsum("bkd,bd->bk", candidates, query))   # s(q, c~_i)
+        best = first.topk(n, dim=1).indices.unsqueeze(2).expand(-1, -1, n)  # the n best refined candidates
+        # ...and only those n are formed, from their n x n neighbours, for the refined query (their element-wise max).
+        best_index, best_weights = index.gather(1, best), weights.gather(1, best)
+        neighbours = torch.gather(candidates, 1, best_index.flatten(1).unsqueeze(2).expand(-1, -1, candidates.shape[2]))
+        refined_query = (best_weights.unsqueeze(3) * neighbours.view(*best.shape, -1)).sum(2).amax(1)
+        second = _mixed(weights, index, torch.einsum("bkd,bd->bk", candidates, refined_query))   # s(q~, c~_i)
         return (first + second) / 2
+
+
+def _mixed(weights: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """(B, K) sum_r weights[b, i, r] values[b, index[b, i, r]]: per-candidate values carried to the refined ones."""
+    return (weights * values.gather(1, index.flatten(1)).view_as(index)).sum(2)

@@ -10,15 +10,11 @@ from .base import Reranker
 from .inputs import RerankInputs
 
 
-def _graph(query: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
-    """(B, K+1, D) nodes: the query first, then the candidates."""
-    return torch.cat([query.unsqueeze(1), candidates], dim=1)
-
-
-def _top_mask(order: torch.Tensor, k: int) -> torch.Tensor:
-    """(B, N, N) boolean: [b, i, j] is true when j is among the first k of row i of `order`."""
-    mask = torch.zeros(order.shape, dtype=torch.bool, device=order.device)
-    return mask.scatter_(2, order[..., :k], True)
+def _gram(query: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    """(B, K+1, K+1) float32 inner products of the graph's nodes, the query first: one product over the stacked
+    nodes, so that equal descriptors get bit-equal rows and their ties stay exact."""
+    x = torch.cat([query.unsqueeze(1), candidates], dim=1).float()
+    return torch.einsum("bid,bjd->bij", x, x)
 
 
 class KReciprocal(Reranker):
@@ -34,30 +30,47 @@ class KReciprocal(Reranker):
         self.k1, self.k2, self.lambda_value = int(k1), int(k2), float(lambda_value)
 
     def score(self, inputs: RerankInputs) -> torch.Tensor:
-        query, candidates = inputs.query, inputs.candidates
-        dtype = query.dtype
-        x = _graph(query, candidates).float()
-        n = x.shape[1]
-        dist = torch.cdist(x, x).pow(2)
+        gram = _gram(inputs.query, inputs.candidates)
+        n = gram.shape[1]
+        norms = torch.diagonal(gram, dim1=1, dim2=2)
+        dist = (norms.unsqueeze(2) + norms.unsqueeze(1)).sub_(gram, alpha=2).clamp_min_(0)   # squared Euclidean
         dist = dist / dist.amax(dim=2, keepdim=True).clamp_min(1e-12)          # each row by its maximum
-        order = torch.argsort(dist, dim=2, stable=True)                        # row i starts with i itself
-        forward = _top_mask(order, min(self.k1 + 1, n))
-        reciprocal = forward & forward.transpose(1, 2)                         # R(i, k1)
-        half = _top_mask(order, min(int(round(self.k1 / 2)) + 1, n))
-        half_reciprocal = half & half.transpose(1, 2)                          # R(j, k1/2)
-        # Expansion: add R(j, k1/2) for j in R(i, k1) when it shares more than 2/3 of itself with R(i, k1).
-        shared = torch.einsum("bik,bjk->bij", reciprocal.float(), half_reciprocal.float())
-        size = half_reciprocal.sum(2).float()
-        accept = reciprocal & (shared > (2.0 / 3.0) * size.unsqueeze(1))
-        expanded = reciprocal | (torch.einsum("bij,bjk->bik", accept.float(), half_reciprocal.float()) > 0)
-        weights = torch.where(expanded, torch.exp(-dist), torch.zeros_like(dist))
+        # Sets are float 0/1 (B, N, N) masks: intersections and unions are then exact matrix products.
+        near = _nearest(dist, min(self.k1 + 1, n))                             # row i starts with i itself
+        reciprocal = _reciprocal(near)                                         # R(i, k1)
+        half_reciprocal = _reciprocal(near[..., :min(int(round(self.k1 / 2)) + 1, n)])   # R(j, k1/2), symmetric
+        # Expansion: add R(j, k1/2) for j in R(i, k1) when more than 2/3 of it lies in R(i, k1) (an integer test).
+        shared = torch.bmm(reciprocal, half_reciprocal)                        # [i, j] = |R(i, k1) & R(j, k1/2)|
+        accept = reciprocal * (3 * shared > 2 * half_reciprocal.sum(1, keepdim=True))
+        expanded = reciprocal + torch.bmm(accept, half_reciprocal)             # > 0 on the expanded set
+        weights = torch.where(expanded > 0, dist.neg().exp_(), 0.0)
         v = weights / weights.sum(2, keepdim=True)
-        if self.k2 > 1:                                                        # local query expansion
-            v = torch.einsum("bij,bjk->bik", _top_mask(order, min(self.k2, n)).float(), v) / min(self.k2, n)
-        overlap = torch.minimum(v[:, :1, :], v).sum(2)                         # (B, N): sum_k min(V_q, V_j)
+        if self.k2 > 1:                                                        # local query expansion:
+            v = torch.bmm(_rows(near[..., :min(self.k2, n)]), v) / min(self.k2, n)   # mean of the k2 nearest's rows
+        overlap = torch.minimum(v[:, :1], v[:, 1:]).sum(2)                     # (B, K): sum_k min(V_q, V_j)
         jaccard = 1.0 - overlap / (2.0 - overlap)
-        final = jaccard * (1.0 - self.lambda_value) + dist[:, 0, :] * self.lambda_value
-        return (-final[:, 1:]).to(dtype)
+        final = jaccard * (1.0 - self.lambda_value) + dist[:, 0, 1:] * self.lambda_value
+        return (-final).to(inputs.query.dtype)
+
+
+def _nearest(dist: torch.Tensor, k: int) -> torch.Tensor:
+    """(B, N, k) indices of each row's k smallest of the (B, N, N) non-negative float32 `dist`, ties by index (a
+    stable sort's first k): topk of int64 keys, the float's bits (ordered like the floats when >= 0) then the
+    column. A stable sort of the whole rows would cost several times as much; a plain topk breaks ties arbitrarily."""
+    key = (dist.view(torch.int32).long() << 32) | torch.arange(dist.shape[2], device=dist.device)
+    return torch.topk(key, k, dim=2, largest=False).indices
+
+
+def _rows(near: torch.Tensor) -> torch.Tensor:
+    """(B, N, N) float 0/1: [b, i, j] = 1 when j is in row i of the (B, N, k) index lists `near`."""
+    n = near.shape[1]
+    return torch.zeros(near.shape[0], n, n, dtype=torch.float32, device=near.device).scatter_(2, near, 1.0)
+
+
+def _reciprocal(near: torch.Tensor) -> torch.Tensor:
+    """(B, N, N) float 0/1: [b, i, j] = 1 when j is in row i of `near` and i in row j (mutual neighbours)."""
+    forward = _rows(near)
+    return forward * forward.transpose(1, 2)
 
 
 class GnnKnn(Reranker):
@@ -74,17 +87,14 @@ class GnnKnn(Reranker):
         self.k1, self.k2, self.alpha, self.layers = int(k1), int(k2), float(alpha), int(layers)
 
     def score(self, inputs: RerankInputs) -> torch.Tensor:
-        query, candidates = inputs.query, inputs.candidates
-        dtype = query.dtype
-        x = _graph(query, candidates).float()
-        n = x.shape[1]
-        sim = torch.einsum("bid,bjd->bij", x, x)
+        sim = _gram(inputs.query, inputs.candidates)
+        n = sim.shape[1]
         order = torch.argsort(sim, dim=2, descending=True, stable=True)
-        adjacency = _top_mask(order, min(self.k1, n)).float()
+        adjacency = _rows(order[..., :min(self.k1, n)])
         h = (adjacency + adjacency.transpose(1, 2)) / 2                        # eq. 9
         edges = order[..., :min(self.k2, n)]                                    # eq. 12: top-k2 by similarity
         weight = torch.gather(sim, 2, edges).clamp_min(0) ** self.alpha
         mix = torch.zeros_like(sim).scatter_(2, edges, weight)                 # row i: its top-k2 neighbours' weights
         for _ in range(self.layers):                                          # eq. 14, sum aggregation
             h = F.normalize(h + torch.bmm(mix, h), dim=2)
-        return torch.einsum("bj,bkj->bk", h[:, 0], h[:, 1:]).to(dtype)
+        return torch.einsum("bj,bkj->bk", h[:, 0], h[:, 1:]).to(inputs.query.dtype)
