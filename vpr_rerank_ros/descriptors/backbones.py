@@ -3,8 +3,6 @@ import beside this torch build. Parameter names follow the checkpoints users hav
 `features` indices and efficientnet-pytorch's EfficientNet-Lite0 names."""
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -34,10 +32,17 @@ class Vgg16Conv5(nn.Sequential):
 class _SameConv(nn.Conv2d):
     """Conv2d with TensorFlow 'SAME' padding (asymmetric for stride 2), as EfficientNet's weights expect."""
 
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if any(k < s for k, s in zip(self.kernel_size, self.stride)):
+            raise ValueError(f"SAME padding needs kernel >= stride, got {self.kernel_size} / {self.stride}")
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pads = []
         for size, k, s in zip(reversed(x.shape[-2:]), reversed(self.kernel_size), reversed(self.stride)):
-            total = max((math.ceil(size / s) - 1) * s + k - size, 0)
+            # (ceil(size / s) - 1) * s + k - size, >= 0 as k >= s, in integer operations that an ONNX export
+            # traces (math.ceil would freeze the padding of the example image size into the graph).
+            total = (-size) % s + k - s
             pads += [total // 2, total - total // 2]
         return F.conv2d(F.pad(x, pads), self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
 

@@ -10,6 +10,7 @@ suggested extension; 0.5 when the query heading is unknown).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -230,7 +231,7 @@ class LearnedReranker(Reranker):
         if query_heading is None or poses is None:
             return torch.full((b, n, 1), 0.5, dtype=nodes.dtype, device=nodes.device)
         heading = query_heading.to(torch.float64).reshape(b, 1)
-        delta = torch.deg2rad(heading - poses[:, :, 2].double())
+        delta = (heading - poses[:, :, 2].double()) * (math.pi / 180.0)     # deg2rad, which ONNX export lacks
         affinity = torch.where(torch.isnan(delta), torch.full_like(delta, 0.5), (1 + torch.cos(delta)) / 2)
         known = torch.where(torch.isnan(heading), torch.full_like(heading, 0.5), torch.ones_like(heading))
         return torch.cat([known, affinity], dim=1).unsqueeze(-1).to(nodes.dtype)
