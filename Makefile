@@ -1,12 +1,15 @@
 # vpr_rerank_ros: `make demo` and `make test` are all a newcomer needs; both set up .venv first.
 # `make setup` is idempotent: it reinstalls dependencies only when a requirements file changed and
-# the package only when its sources changed.
+# the package only when its sources changed. On a machine with an NVIDIA driver (nvidia-smi answers), or with
+# `GPU=1`, it installs the CUDA builds of torch and faiss (requirements-gpu.txt) instead of the CPU ones;
+# `GPU=0` forces the CPU builds.
 
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-DEPS_STAMP := $(VENV)/.deps-installed
 PKG_STAMP  := $(VENV)/.package-installed
+GPU ?= $(shell nvidia-smi >/dev/null 2>&1 && echo 1 || echo 0)
+DEPS_STAMP := $(VENV)/.deps-installed-gpu$(GPU)
 PKG_SOURCES := setup.py setup.cfg package.xml resource/vpr_rerank_ros \
                $(shell find vpr_rerank_ros launch config -type f -name '*.py' -o -type f -name '*.yaml' 2>/dev/null)
 
@@ -17,14 +20,23 @@ export ROS_AUTOMATIC_DISCOVERY_RANGE := LOCALHOST
 export ROS_HOME := $(abspath .ros_home)
 export ROS_DOMAIN_ID ?= $(shell $(PYTHON) -c 'import random; print(random.randint(1, 101))')
 
-.PHONY: setup test demo clean
+.PHONY: setup test demo bench clean
 
 setup: $(PKG_STAMP)
 
-$(DEPS_STAMP): requirements.txt requirements-ros.txt requirements-dev.txt
+$(DEPS_STAMP): requirements.txt requirements-ros.txt requirements-dev.txt requirements-gpu.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	rm -f $(VENV)/.deps-installed-gpu*
+ifeq ($(GPU),1)
+	$(BIN)/python -m pip uninstall --quiet --yes faiss-cpu torch
+	grep -v -E '^(torch|faiss-cpu)==' requirements.txt > $(VENV)/requirements-without-cpu-builds.txt
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements-gpu.txt \
+		-r $(VENV)/requirements-without-cpu-builds.txt -r requirements-ros.txt -r requirements-dev.txt
+else
+	$(BIN)/python -m pip uninstall --quiet --yes faiss-gpu-cu12
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check \
 		-r requirements.txt -r requirements-ros.txt -r requirements-dev.txt
+endif
 	touch $@
 
 $(PKG_STAMP): $(DEPS_STAMP) $(PKG_SOURCES)
@@ -38,6 +50,11 @@ test: setup
 # replay (/clock, use_sim_time) once per training-free re-ranker, with the ROS environment exported above.
 demo: setup
 	$(BIN)/vpr-demo --out demo_output
+
+# The CPU benchmarks (long: the million-image map takes most of the time), their outputs saved
+# in benchmarks/results/ and README.md's performance section regenerated from them.
+bench: setup
+	benchmarks/run.sh cpu
 
 clean:
 	rm -rf $(VENV) build *.egg-info .ros_home .pytest_cache .hypothesis

@@ -178,3 +178,34 @@ def test_build_with_external_weights_records_identity_only(synthetic_map, tmp_pa
     assert map_main(["build", "--out", str(out), "--msls", str(root / "msls"), "--cities", "synth0",
                      "--model", str(weights)]) == 1                      # exists: needs --overwrite
     assert "already exists" in capsys.readouterr().err
+
+
+def test_a_killed_build_resumes_describing_where_it_stopped(tmp_path, monkeypatch):
+    """With a model, images are described into <out>.describing.h5 as they come: a build interrupted halfway
+    leaves no map, and the next one describes only the rest and writes the same map as one uninterrupted build."""
+    from vpr_rerank_ros.descriptors.extract import DescriptorExtractor
+    from vpr_rerank_ros.mapbuild import build_map
+
+    lat, lon0 = 55.7000, 13.2000
+    for i in range(12):
+        photo(tmp_path / f"{i:02d}.jpg", lat, lon0 + i * 1e-4, direction=90.0, seed=i)
+    images, model = geotagged.from_folder(tmp_path), small_model()
+    real, described = DescriptorExtractor.run, []
+
+    def run(self, batch, head=None):
+        if len(described) == 1 and interrupt:
+            raise KeyboardInterrupt
+        described.append(len(batch))
+        return real(self, batch, head)
+
+    monkeypatch.setattr(DescriptorExtractor, "run", run)
+    interrupt = True
+    with pytest.raises(KeyboardInterrupt):
+        build_map(tmp_path / "map", images, model, device="cpu", batch_size=2)
+    assert not (tmp_path / "map").exists() and (tmp_path / "map.describing.h5").exists()
+    interrupt, described[:] = False, []
+    resumed = build_map(tmp_path / "map", images, model, device="cpu", batch_size=2).bundle
+    assert sum(described) == 10 and not (tmp_path / "map.describing.h5").exists()
+    whole = build_map(tmp_path / "whole", images, model, device="cpu", batch_size=2).bundle
+    order = np.argsort(resumed.table.keys)
+    assert np.allclose(resumed.descriptors[order], whole.descriptors[np.argsort(whole.table.keys)], atol=1e-6)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from vpr_rerank_ros import mapdb
 from vpr_rerank_ros.cli import map_main
@@ -99,17 +100,59 @@ def test_search_rejects_bad_queries(small_map):
 def test_ivfpq_index(tmp_path):
     n, dim = 3000, 32
     desc = unit_rows(n, dim, seed=5)
-    config = IndexConfig(kind="ivfpq", nlist=16, pq_m=8, nprobe=16)
+    config = IndexConfig(kind="ivfpq", nlist=16, pq_m=8, nprobe=16, pca_dim=16, rescore=40)
     bundle = MapBundle.build(tmp_path / "big", make_table(n, spread=3000.0), desc, DESCRIPTOR, index=config)
     assert MapBundle.load(bundle.root).meta.index == config
     queries = desc[:50] + 0.05 * unit_rows(50, dim, seed=6)
     queries /= np.linalg.norm(queries, axis=1, keepdims=True)
     result = bundle.search(queries, k=10)
-    assert (result.ids == np.arange(50)[:, None]).any(axis=1).mean() >= 0.9  # approximate, yet finds its source
+    assert (result.ids[:, 0] == np.arange(50)).mean() >= 0.9    # approximate, yet finds its source
+    # The short list is re-scored exactly: the scores are the inner products, best first.
+    exact = np.einsum("bkd,bd->bk", desc[result.ids], queries)
+    assert np.allclose(result.scores, exact, atol=1e-6) and (np.diff(result.scores, axis=1) <= 0).all()
+    # A PCA dimension at or above D keeps the descriptors' own, and says so.
+    assert MapBundle.build(tmp_path / "nopca", make_table(n), desc, DESCRIPTOR,
+                           index=IndexConfig("ivfpq", nlist=16, pq_m=8, pca_dim=64)).meta.index.pca_dim == 0
     with pytest.raises(ValueError, match="flat"):
         MapBundle.build(tmp_path / "tiny", make_table(100), unit_rows(100, dim, 7), DESCRIPTOR, index=config)
     with pytest.raises(ValueError, match="divide"):
         MapBundle.build(tmp_path / "odd", make_table(n), desc, DESCRIPTOR, index=IndexConfig("ivfpq", pq_m=5))
+
+
+def test_build_streams_chunks_from_any_array_like(tmp_path, monkeypatch):
+    """Descriptors are read BUILD_CHUNK rows at a time, from an array-like such as an HDF5 dataset; the stored
+    map equals one built from the whole array, and rows() reads them back (float32, any index shape)."""
+    h5py = pytest.importorskip("h5py")
+    n, dim = 1000, 24
+    desc = unit_rows(n, dim, seed=12)
+    with h5py.File(tmp_path / "d.h5", "w") as f:
+        f["descriptors"] = desc
+    monkeypatch.setattr(mapdb, "BUILD_CHUNK", 128)
+    with h5py.File(tmp_path / "d.h5", "r") as f:
+        bundle = MapBundle.build(tmp_path / "m", make_table(n), f["descriptors"], DESCRIPTOR, dtype="float16")
+    whole = MapBundle.build(tmp_path / "w", make_table(n), desc, DESCRIPTOR, dtype="float16")
+    assert np.array_equal(bundle.descriptors, whole.descriptors)
+    ids = np.array([[5, 6, 7, 999], [0, 5, 5, 300]])
+    assert bundle.rows(ids).dtype == np.float32
+    assert np.array_equal(bundle.rows(ids), np.asarray(whole.descriptors, np.float32)[ids])
+    with pytest.raises(IndexError):
+        bundle.rows([n])
+    bad = desc.copy()
+    bad[700] *= 2
+    with pytest.raises(ValueError, match="img00700"):          # a bad row in a later chunk is named
+        MapBundle.build(tmp_path / "bad", make_table(n), bad, DESCRIPTOR)
+    assert not (tmp_path / "bad").exists()
+
+
+def test_a_killed_build_leaves_a_staging_directory_the_next_build_removes(small_map):
+    bundle, table, desc = small_map
+    stale = bundle.root.parent / f".{bundle.root.name}.tmp-deadbeef"
+    stale.mkdir()
+    (stale / "descriptors.npy").write_bytes(b"half")
+    with pytest.raises(MapError):
+        MapBundle.load(stale)                                     # never loadable
+    MapBundle.build(bundle.root, table, desc, DESCRIPTOR, overwrite=True)
+    assert not stale.exists()
 
 
 def test_float16_descriptors(tmp_path):
@@ -247,3 +290,14 @@ def test_cli_info_and_verify(small_map, capsys):
     script = Path(sys.prefix) / "bin" / "vpr-map"
     done = subprocess.run([str(script), "verify", str(bundle.root)], capture_output=True, text=True)
     assert done.returncode == 1 and "checksum mismatch" in done.stderr
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+def test_cuda_search_finds_what_the_cpu_finds(small_map):
+    """use_gpu=True: faiss-gpu when installed, else an exact torch search over the descriptors on the GPU."""
+    bundle, _, desc = small_map
+    gpu = MapBundle.load(bundle.root, use_gpu=True)
+    queries = desc[:20] + 0.01 * unit_rows(20, desc.shape[1], seed=13)
+    cpu_result, gpu_result = bundle.search(queries, k=5), gpu.search(queries, k=5)
+    assert gpu.use_gpu and (gpu_result.ids[:, 0] == cpu_result.ids[:, 0]).all()
+    assert np.allclose(gpu_result.scores, cpu_result.scores, atol=2e-3)       # float16 on the GPU

@@ -8,7 +8,7 @@ import json
 import sys
 from typing import Callable
 
-from .mapdb import FILES, MapBundle
+from .mapdb import FILES, IndexConfig, MapBundle
 from .localizer import LocalizerSettings
 from .rerank import COMPARED, reranker_label
 
@@ -46,7 +46,15 @@ def map_main(argv: list[str] | None = None) -> int:
     build.add_argument("--overwrite", action="store_true", help="replace an existing map")
     _model_options(build, "descriptor weights (.mat, pytorch-NetVlad .pth.tar, .safetensors); "
                           "default: fit the offline EfficientNet-Lite0 NetVLAD on these images")
-    build.add_argument("--index", choices=("flat", "ivfpq"), default="flat", help="faiss index (default flat)")
+    build.add_argument("--index", choices=("flat", "ivfpq"), default="flat",
+                       help="faiss index: flat (exact, default) or ivfpq (PCA + IVF-PQ, re-scored exactly; for maps of "
+                            "hundreds of thousands of images and more, see docs/formats.md)")
+    ivfpq = IndexConfig(kind="ivfpq")
+    for name, text in (("nlist", "IVF cells"), ("nprobe", "cells visited per search"),
+                       ("pca_dim", "dimension the index works in (0: the descriptors' own)"),
+                       ("rescore", "approximate answers re-scored exactly per query")):
+        build.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(ivfpq, name),
+                           help=f"with --index ivfpq: {text} (default {getattr(ivfpq, name)})")
     build.add_argument("--dtype", choices=("float32", "float16"), default="float32", help="stored descriptor type")
     build.add_argument("--descriptors", help="HDF5 of precomputed descriptors keyed by image key (datasets keys, "
                                              "descriptors) to use instead of describing the images")
@@ -101,6 +109,7 @@ def _map_info(args) -> int:
 def _model_options(parser: argparse.ArgumentParser, weights_help: str) -> None:
     parser.add_argument("--model", help=weights_help)
     parser.add_argument("--device", default="auto", help="cuda, cpu or auto (default)")
+    parser.add_argument("--fp16", action="store_true", help="float16 autocast on CUDA (ignored on the CPU)")
     parser.add_argument("--batch-size", type=int, default=8, help="images per batch (default 8)")
     parser.add_argument("--workers", type=int, default=0, help="image loading processes (default 0)")
 
@@ -110,7 +119,6 @@ def _map_build(args) -> int:
     from .datasets.msls import resolve_cities
     from .descriptors.loaders import load_model
     from .mapbuild import build_map
-    from .mapdb import IndexConfig
 
     if args.images:
         images = geotagged.from_folder(args.images, args.headings)
@@ -122,8 +130,10 @@ def _map_build(args) -> int:
     if model is None and args.descriptors is None:
         print("vpr-map: fitting the offline EfficientNet-Lite0 NetVLAD on the map images "
               "(ImageNet features, not trained for place recognition)", file=sys.stderr)
-    report = build_map(args.out, images, model, device=args.device, batch_size=args.batch_size,
-                       workers=args.workers, index=IndexConfig(kind=args.index), dtype=args.dtype,
+    report = build_map(args.out, images, model, device=args.device, fp16=args.fp16, batch_size=args.batch_size,
+                       workers=args.workers, dtype=args.dtype,
+                       index=IndexConfig(kind=args.index, nlist=args.nlist, nprobe=args.nprobe, pca_dim=args.pca_dim,
+                                         rescore=args.rescore),
                        overwrite=args.overwrite, progress=True, descriptor_file=args.descriptors)
     for key, reason in report.skipped.items():
         print(f"skipped {key}: {reason}", file=sys.stderr)
@@ -155,7 +165,7 @@ def _map_describe(args) -> int:
         items = [(path.stem, str(path)) for path in geotagged.list_images(args.images)]
     here = workers(args.device)
     failed = describe_sharded(items, load_model(args.model), args.out, here, here.device(args.device),
-                              args.batch_size, args.workers, progress=True)
+                              args.batch_size, args.workers, progress=True, fp16=args.fp16)
     for key, reason in failed.items():
         print(f"skipped {key}: {reason}", file=sys.stderr)
     if here.main:
@@ -173,7 +183,7 @@ def _map_query(args) -> int:
     bundle = MapBundle.load(args.map)
     model = map_model(bundle, args.model)
     items = [(p.stem, str(p)) for p in list_images(args.images)]
-    rows = query_images(bundle, model, items, args.top_k, args.device, args.batch_size, args.workers)
+    rows = query_images(bundle, model, items, args.top_k, args.device, args.batch_size, args.workers, args.fp16)
     columns = ("query", "rank", "key", "score", "easting", "northing", "query_easting", "query_northing")
     with open(args.out, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
@@ -185,17 +195,26 @@ def _map_query(args) -> int:
 
 def weights_main(argv: list[str] | None = None) -> int:
     """`vpr-weights convert IN OUT` turns .mat / pytorch-NetVlad weights into safetensors + JSON; `info` describes
-    weights."""
+    weights; `export-onnx` writes a descriptor model or a learned re-ranker as ONNX (docs/deployment.md)."""
     from .descriptors.loaders import convert, load_model
 
-    parser = argparse.ArgumentParser(prog="vpr-weights", description="Convert and inspect descriptor weights.")
+    parser = argparse.ArgumentParser(prog="vpr-weights", description="Convert, inspect and export weights.")
     sub = parser.add_subparsers(dest="command", required=True)
     conv = sub.add_parser("convert", help="write weights in the project's safetensors + JSON format")
     conv.add_argument("source", help=".mat (hloc MatConvNet struct), .pth/.pth.tar (pytorch-NetVlad) or .safetensors")
     conv.add_argument("target", help="output .safetensors (a .json config is written beside it)")
     info = sub.add_parser("info", help="print a model's configuration and identity")
     info.add_argument("weights")
+    export = sub.add_parser("export-onnx", help="write a descriptor model or a learned re-ranker as ONNX")
+    export.add_argument("weights", help="descriptor weights (.mat, .pth.tar, .safetensors, a map's model.safetensors) "
+                                        "or a learned re-ranker checkpoint (.safetensors): told apart by the JSON")
+    export.add_argument("target", help="output .onnx")
+    export.add_argument("--height", type=int, default=240, help="descriptor: example image height traced "
+                                                                "(default 240; the graph takes any size)")
+    export.add_argument("--width", type=int, default=320, help="descriptor: example image width (default 320)")
     args = parser.parse_args(argv)
+    if args.command == "export-onnx":
+        return report_user_errors("vpr-weights", lambda: _export_onnx(args))
 
     def run() -> int:
         model = convert(args.source, args.target) if args.command == "convert" else load_model(args.weights)
@@ -204,6 +223,17 @@ def weights_main(argv: list[str] | None = None) -> int:
         return 0
 
     return report_user_errors("vpr-weights", run)
+
+
+def _export_onnx(args) -> int:
+    from .onnx_export import export_checkpoint, graph_signature
+
+    if min(args.height, args.width) < 32:
+        raise ValueError(f"--height and --width must be at least 32, got {args.height} x {args.width}")
+    kind, path = export_checkpoint(args.weights, args.target, (args.height, args.width))
+    print(json.dumps({"kind": kind, "onnx": str(path), "bytes": path.stat().st_size,
+                      "signature": graph_signature(path)}, indent=2))
+    return 0
 
 
 def size_argument(text: str) -> tuple[int, int]:

@@ -9,11 +9,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .descriptors.extract import DescriptorExtractor
+from .descriptors.extract import DescriptorExtractor, pick_device
 from .descriptors.model import GlobalDescriptor
 from .geo import compass_to_grid, heading_difference, utm_to_latlon
 from .mapdb import MapBundle
 from .rerank import Reranker, build_reranker, rerank_inputs, rerank_order
+
+BACKENDS = ("torch", "onnxruntime")
 
 
 @dataclass(frozen=True)
@@ -27,7 +29,11 @@ class LocalizerSettings:
     heading_floor_deg: float = 10.0
     agree_radius_m: float = 25.0      # matches this close to the best one count as agreeing (confidence)
     gps_radius_m: float = 50.0        # search radius around a GPS hint, plus 3 sigma of the fix
-    device: str = "auto"
+    device: str = "auto"              # torch device of the descriptor (backend torch) and the re-ranker
+    fp16: bool = False                # float16 autocast for the descriptor on CUDA (backend torch)
+    backend: str = "torch"            # descriptor inference: torch or onnxruntime (docs/deployment.md)
+    onnx_model: str = ""              # onnxruntime: an export of the map's model; "" = export it into the cache
+    onnx_providers: str = "CPUExecutionProvider"   # onnxruntime execution providers, comma-separated, or auto
 
     def __post_init__(self) -> None:
         if self.top_k < 1 or not 1 <= self.pose_matches <= self.top_k:
@@ -35,6 +41,8 @@ class LocalizerSettings:
         for name in ("temperature", "position_floor_m", "heading_floor_deg", "agree_radius_m", "gps_radius_m"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
 
 
 @dataclass
@@ -87,8 +95,13 @@ class Localizer:
         bundle.check_model(model)
         self.bundle, self.settings = bundle, settings
         self._centre = (float(np.mean(bundle.table.lat)), float(np.mean(bundle.table.lon)))
-        self.extractor = DescriptorExtractor(model, settings.device, batch_size=1)
-        self.device = self.extractor.device
+        self.device = pick_device(settings.device)
+        if settings.backend == "onnxruntime":
+            from .onnx_export import OnnxDescriptorExtractor
+
+            self.extractor = OnnxDescriptorExtractor(model, settings.onnx_model, settings.onnx_providers, batch_size=1)
+        else:
+            self.extractor = DescriptorExtractor(model, self.device, batch_size=1, fp16=settings.fp16)
         self.set_reranker(reranker, **(reranker_params or {}))
 
     def prepare_reranker(self, reranker: Reranker | str, **params) -> Reranker:

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from .datasets.geotagged import ImageSet, read_exif_gps
-from .descriptors.extract import DescriptorExtractor, read_descriptors
+from .descriptors.extract import DescriptorExtractor, DescriptorStore, read_descriptors
 from .descriptors.loaders import load_model
 from .descriptors.model import GlobalDescriptor, load_native, save_model
 from .descriptors.offline import fit_offline_model
@@ -30,12 +30,17 @@ class BuildReport:
 
 
 def build_map(out: str | Path, images: ImageSet, model: GlobalDescriptor | None = None, device: str | None = None,
-              batch_size: int = 8, workers: int = 0, index: IndexConfig = IndexConfig(), dtype: str = "float32",
-              overwrite: bool = False, progress: bool = False,
+              fp16: bool = False, batch_size: int = 8, workers: int = 0, index: IndexConfig = IndexConfig(),
+              dtype: str = "float32", overwrite: bool = False, progress: bool = False,
               descriptor_file: str | Path | None = None) -> BuildReport:
     """Describe the images and write the map. Without `model`, the offline default is fitted on these
-    images and stored in the map (it is map-specific); with a model, only its identity is recorded. With
-    `descriptor_file` (HDF5 keyed by image key, see `read_descriptors`), its rows are used as they are."""
+    images and stored in the map (it is map-specific); with a model, only its identity is recorded, and the images
+    are described into `<out>.describing.h5` first, so a build that is killed resumes with the images it had not
+    described yet (and the map is written from that file in bounded memory). With `descriptor_file` (HDF5 keyed
+    by image key, see `read_descriptors`), its rows are used as they are."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} already exists (pass overwrite=True, or --overwrite, to replace it)")
     if descriptor_file is not None:
         if model is not None:
             raise ValueError("give a descriptor model or a file of precomputed descriptors, not both")
@@ -44,32 +49,47 @@ def build_map(out: str | Path, images: ImageSet, model: GlobalDescriptor | None 
                       "identity": identity, "stored_model": False}
         bundle = MapBundle.build(out, images.table, rows, descriptor, index=index, dtype=dtype, overwrite=overwrite)
         return BuildReport(bundle=bundle, model=None, skipped=dict(images.skipped))
-    offline = model is None
-    extraction = None
-    if offline:
-        fit = fit_offline_model(images.items, device=device, batch_size=batch_size, workers=workers,
-                                progress=progress)
-        model, extraction = fit.model, fit.descriptors_of_all(images.items)
-    if extraction is None:
-        extraction = DescriptorExtractor(model, device, batch_size, workers=workers).describe_files(
-            images.items, progress=progress)
-    skipped = {**images.skipped, **extraction.failed}
+    if model is None:
+        return _build_offline(out, images, device, batch_size, workers, index, dtype, overwrite, progress)
+    store_path = out.with_name(out.name + ".describing.h5")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with DescriptorStore(store_path, model.identity, model.output_dim) as store:
+        failed = DescriptorExtractor(model, device, batch_size, fp16=fp16, workers=workers).describe_files(
+            images.items, progress=progress, store=store).failed
+        keys = [k.decode() if isinstance(k, bytes) else k for k in store.file["keys"][:]]
+        if not keys:
+            raise ValueError("no map image could be described")
+        row = {k: i for i, k in enumerate(images.table.keys)}
+        bundle = MapBundle.build(out, images.table.take([row[k] for k in keys]), store.file["descriptors"],
+                                 _descriptor_info(model, stored=False), index=index, dtype=dtype,
+                                 overwrite=overwrite, progress=progress)
+    store_path.unlink()
+    return BuildReport(bundle=bundle, model=model, skipped={**images.skipped, **failed})
+
+
+def _build_offline(out: Path, images: ImageSet, device, batch_size: int, workers: int, index: IndexConfig,
+                   dtype: str, overwrite: bool, progress: bool) -> BuildReport:
+    """The offline default fitted on the map images, which describes them too; stored in the map."""
+    fit = fit_offline_model(images.items, device=device, batch_size=batch_size, workers=workers, progress=progress)
+    model, extraction = fit.model, fit.descriptors_of_all(images.items)
     if not extraction.keys:
         raise ValueError("no map image could be described")
     row = {k: i for i, k in enumerate(images.table.keys)}
     order = np.argsort([row[k] for k in extraction.keys])
     rows = np.array([row[k] for k in extraction.keys])[order]
-    config = model.config
-    descriptor = {"kind": "netvlad", "name": config.name, "backbone": config.backbone,
-                  "identity": model.identity, "stored_model": offline}
     with tempfile.TemporaryDirectory() as tmp:
-        attachments = {}
-        if offline:
-            save_model(model, Path(tmp) / MODEL_FILE)
-            attachments = {MODEL_FILE: Path(tmp) / MODEL_FILE, MODEL_CONFIG: Path(tmp) / MODEL_CONFIG}
-        bundle = MapBundle.build(out, images.table.take(rows), extraction.descriptors[order], descriptor, index=index,
-                                 dtype=dtype, overwrite=overwrite, attachments=attachments)
-    return BuildReport(bundle=bundle, model=model, skipped=skipped)
+        save_model(model, Path(tmp) / MODEL_FILE)
+        attachments = {MODEL_FILE: Path(tmp) / MODEL_FILE, MODEL_CONFIG: Path(tmp) / MODEL_CONFIG}
+        bundle = MapBundle.build(out, images.table.take(rows), extraction.descriptors[order],
+                                 _descriptor_info(model, stored=True), index=index, dtype=dtype, overwrite=overwrite,
+                                 attachments=attachments)
+    return BuildReport(bundle=bundle, model=model, skipped={**images.skipped, **extraction.failed})
+
+
+def _descriptor_info(model: GlobalDescriptor, stored: bool) -> dict:
+    config = model.config
+    return {"kind": "netvlad", "name": config.name, "backbone": config.backbone, "identity": model.identity,
+            "stored_model": stored}
 
 
 def map_model(bundle: MapBundle, weights: str | Path | None = None) -> GlobalDescriptor:
@@ -88,10 +108,10 @@ def map_model(bundle: MapBundle, weights: str | Path | None = None) -> GlobalDes
 
 
 def query_images(bundle: MapBundle, model: GlobalDescriptor, items: list, top_k: int, device: str | None = None,
-                 batch_size: int = 8, workers: int = 0) -> list[dict]:
+                 batch_size: int = 8, workers: int = 0, fp16: bool = False) -> list[dict]:
     """One row per query image and rank: query, rank, key, score, easting, northing, query_easting,
     query_northing (the last two None when the query has no EXIF GPS)."""
-    extraction = DescriptorExtractor(model, device, batch_size, workers=workers).describe_files(items)
+    extraction = DescriptorExtractor(model, device, batch_size, fp16=fp16, workers=workers).describe_files(items)
     paths = dict(items)
     result = bundle.search(extraction.descriptors, top_k) if extraction.keys else None
     rows = []

@@ -5,7 +5,8 @@ Layout of a map directory (every file listed with its size and SHA-256 in map.js
     map.json         format, version, counts, UTM zone, descriptor kind/dimension/model, index, checksums
     images.csv       key, easting, northing, lat, lon, heading, captured_at, path (one row per image)
     descriptors.npy  (N, D) float32 or float16, L2-normalised rows, memory-mapped on load
-    index.faiss      faiss index over the descriptors (inner product)
+    index.faiss      faiss index: exact inner product ('flat'), or PCA + IVF-PQ whose short list is re-scored
+                     exactly against descriptors.npy ('ivfpq', for maps of millions)
     overlap.npz      sparse FoV-overlap graph (see geo.OverlapGraph)
 """
 from __future__ import annotations
@@ -16,12 +17,15 @@ import json
 import os
 import shutil
 import uuid
+import weakref
 from dataclasses import asdict, dataclass, field, fields
 from functools import cached_property
 from pathlib import Path
 
 import numpy as np
+import torch
 from scipy.spatial import cKDTree
+from tqdm import tqdm
 
 from .descriptors.model import NORM_TOLERANCE, check_unit_rows
 from .geo import FOV_ANGLE_DEG, FOV_RADIUS_M, OverlapGraph, UtmZone, latlon_to_utm, utm_to_latlon
@@ -31,6 +35,8 @@ FORMAT_VERSION = 1
 TABLE_COLUMNS = ("key", "easting", "northing", "lat", "lon", "heading", "captured_at", "path")
 FILES = ("images.csv", "descriptors.npy", "index.faiss", "overlap.npz")
 INDEX_KINDS = ("flat", "ivfpq")
+BUILD_CHUNK = 65536         # descriptor rows read, checked and indexed at a time while building
+PCA_SAMPLE = 32768          # rows the index's PCA is computed from (of the training sample)
 
 
 class MapError(ValueError):
@@ -47,20 +53,28 @@ def _faiss():
 
 @dataclass(frozen=True)
 class IndexConfig:
-    """Which faiss index to build: 'flat' (exact) or 'ivfpq' (approximate, for maps of millions)."""
+    """Which faiss index to build: 'flat' (exact) or 'ivfpq' (approximate, for maps of millions): the descriptors
+    reduced by PCA, an IVF of `nlist` cells with PQ codes (L2 on the reduced vectors, which orders unit vectors
+    like the inner product), and the best `rescore` of its answers re-scored exactly from descriptors.npy.
+    Defaults chosen on the million-image benchmark (benchmarks/million_map.py)."""
 
     kind: str = "flat"
-    nlist: int = 1024      # IVF cells
-    pq_m: int = 64         # PQ sub-quantizers (must divide the dimension)
+    nlist: int = 2048      # IVF cells (about 2 sqrt(N) for a million images)
+    pq_m: int = 32         # PQ sub-quantizers (must divide the reduced dimension)
     pq_bits: int = 8
     nprobe: int = 32       # cells visited per search
+    pca_dim: int = 256     # dimension the index works in; 0 (or >= D) keeps the descriptors' own
+    rescore: int = 256     # approximate answers re-scored exactly per query (at least k)
+    train_size: int = 81920    # images the quantizers are trained on (a random sample; 40 per cell)
 
     def __post_init__(self) -> None:
         if self.kind not in INDEX_KINDS:
             raise ValueError(f"index kind must be one of {INDEX_KINDS}, got {self.kind!r}")
-        for name in ("nlist", "pq_m", "pq_bits", "nprobe"):
+        for name in ("nlist", "pq_m", "pq_bits", "nprobe", "rescore", "train_size"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"index {name} must be positive, got {getattr(self, name)}")
+        if int(self.pca_dim) < 0:
+            raise ValueError(f"index pca_dim must be 0 (no reduction) or positive, got {self.pca_dim}")
 
 
 @dataclass(frozen=True)
@@ -240,16 +254,20 @@ class MapBundle:
     # ------------------------------------------------------------------ building
 
     @classmethod
-    def build(cls, out: str | Path, table: MapTable, descriptors: np.ndarray, descriptor: dict,
+    def build(cls, out: str | Path, table: MapTable, descriptors, descriptor: dict,
               index: IndexConfig = IndexConfig(), fov_radius: float = FOV_RADIUS_M,
               fov_deg: float = FOV_ANGLE_DEG, dtype: str = "float32", overwrite: bool = False,
-              attachments: dict[str, Path] | None = None) -> "MapBundle":
-        """Write a map directory atomically (temporary directory, then rename) and load it.
+              attachments: dict[str, Path] | None = None, progress: bool = False) -> "MapBundle":
+        """Write a map directory atomically (a staging directory beside `out`, renamed once whole) and load it.
 
-        `descriptor` describes the model that made the descriptors: DescriptorInfo's fields but dim and dtype
+        `descriptors`: (N, D) rows in the table's order, any array-like read in chunks of BUILD_CHUNK rows (an
+        array, a memory-mapped .npy, an HDF5 dataset), so a map larger than memory builds in bounded memory: rows
+        are checked and streamed into descriptors.npy, the index is trained on a random sample of them and filled
+        chunk by chunk. `descriptor` describes the model that made them: DescriptorInfo's fields but dim and dtype
         (at least `kind`; the model's identity lets `check_model` refuse a different query model).
         `attachments` ({name: source file}) are copied in and checksummed like the map's own files
-        (e.g. the map-specific descriptor model).
+        (e.g. the map-specific descriptor model). A build that is killed leaves only its staging directory,
+        which the next build of `out` removes: `out` is the old map or the new one, never half of one.
         """
         attachments = dict(attachments or {})
         clash = set(attachments) & set(FILES + ("map.json",))
@@ -263,26 +281,32 @@ class MapBundle:
         n = len(table)
         if n == 0:
             raise ValueError("cannot build a map with no images")
-        descriptors = np.asarray(descriptors)
-        if descriptors.ndim != 2 or descriptors.shape[0] != n:
-            raise ValueError(f"descriptors must be ({n}, D) for {n} images, got {descriptors.shape}")
-        stored = descriptors.astype(dtype)
-        check_unit_rows(stored, dtype, "descriptors")
+        shape = tuple(getattr(descriptors, "shape", ()))
+        if len(shape) != 2 or shape[0] != n:
+            raise ValueError(f"descriptors must be ({n}, D) for {n} images, got {shape}")
         try:
-            info = DescriptorInfo(**descriptor, dim=int(descriptors.shape[1]), dtype=dtype)
+            info = DescriptorInfo(**descriptor, dim=int(shape[1]), dtype=dtype)
         except TypeError as exc:
             raise ValueError(f"descriptor info: {exc} (fields: {[f.name for f in fields(DescriptorInfo)]})") from exc
-        faiss_index, index_config = _train_index(stored.astype(np.float32), index)
-        graph = OverlapGraph.build(table.poses, fov_radius, fov_deg)
 
         out.parent.mkdir(parents=True, exist_ok=True)
+        for stale in out.parent.glob(f".{out.name}.tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)        # what a killed build left behind
         tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
         try:
-            _write_table(tmp / "images.csv", table)
-            np.save(tmp / "descriptors.npy", stored)
+            stored = np.lib.format.open_memmap(tmp / "descriptors.npy", mode="w+", dtype=dtype, shape=shape)
+            for start in tqdm(range(0, n, BUILD_CHUNK), desc="descriptors", unit="chunk", disable=not progress):
+                chunk = np.asarray(descriptors[start:start + BUILD_CHUNK]).astype(dtype)
+                check_unit_rows(chunk, dtype, "descriptors", labels=table.keys[start:start + len(chunk)])
+                stored[start:start + len(chunk)] = chunk
+            stored.flush()
+            faiss_index, index_config = _build_index(stored, index, progress)
             _faiss().write_index(faiss_index, str(tmp / "index.faiss"))
+            del faiss_index, stored
+            graph = OverlapGraph.build(table.poses, fov_radius, fov_deg)
             graph.save(tmp / "overlap.npz")
+            _write_table(tmp / "images.csv", table)
             for name, source in attachments.items():
                 shutil.copyfile(source, tmp / name)
             meta = MapMeta(count=n, zone=table.zone, descriptor=info, index=index_config,
@@ -303,7 +327,8 @@ class MapBundle:
     def load(cls, root: str | Path, verify: bool = True, use_gpu: bool | None = None) -> "MapBundle":
         """Open and validate a map directory. `verify` also checks every file's SHA-256 (reads all data).
 
-        `use_gpu`: None = on the GPU when faiss-gpu and a CUDA device are available.
+        `use_gpu`: None = on the GPU when faiss-gpu and a CUDA device are available; True = on the GPU, through
+        faiss-gpu when installed, else as an exact search in torch over the descriptors copied to the GPU.
         """
         root = Path(root)
         meta = _read_meta(root)
@@ -350,9 +375,12 @@ class MapBundle:
                            f"{meta.fov_radius_m} m / {meta.fov_angle_deg}°")
         gpu = _gpu_available() if use_gpu is None else bool(use_gpu)
         if gpu:
-            if not _gpu_available():
-                raise MapError("use_gpu=True but faiss has no GPU support or no CUDA device is visible")
-            index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
+            if _gpu_available():
+                index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
+            elif torch.cuda.is_available():
+                index = TorchFlatIndex(descriptors, torch.device("cuda"))
+            else:
+                raise MapError("use_gpu=True but no CUDA device is visible")
         return cls(root=root, meta=meta, table=table, descriptors=descriptors, overlap=overlap, index=index,
                    use_gpu=gpu)
 
@@ -413,13 +441,39 @@ class MapBundle:
         easting, northing, _ = latlon_to_utm(lat, lon, self.table.zone)
         return np.stack([np.atleast_1d(easting), np.atleast_1d(northing)], axis=1)
 
+    def rows(self, ids) -> np.ndarray:
+        """float32 descriptor rows of map indices (any shape; the result adds a last dimension D). Read with
+        positioned reads rather than through the memory map, so a server touching a few rows per frame keeps only
+        what it uses resident, whatever the map's size."""
+        ids = np.asarray(ids, dtype=np.int64)
+        flat = ids.ravel()
+        if flat.size and (flat.min() < 0 or flat.max() >= len(self)):
+            raise IndexError(f"descriptor rows out of range for a map of {len(self)} images")
+        unique, inverse = np.unique(flat, return_inverse=True)
+        out = np.empty((unique.size, self.dim), dtype=self.descriptors.dtype)
+        row_bytes = out.itemsize * self.dim
+        runs = np.flatnonzero(np.diff(unique) != 1) + 1                # consecutive rows are read at once
+        for start, stop in zip(np.r_[0, runs], np.r_[runs, unique.size]):
+            view = out[start:stop].view(np.uint8).reshape(-1)
+            offset = self.descriptors.offset + int(unique[start]) * row_bytes
+            if os.preadv(self._descriptor_fd, [view], offset) != view.size:
+                raise MapError(f"{self.root / 'descriptors.npy'}: short read (the file changed?)")
+        return out[inverse].astype(np.float32).reshape(*ids.shape, self.dim)
+
+    @cached_property
+    def _descriptor_fd(self) -> int:
+        fd = os.open(self.root / "descriptors.npy", os.O_RDONLY)
+        weakref.finalize(self, os.close, fd)
+        return fd
+
     def search(self, queries: np.ndarray, k: int, hint_xy: np.ndarray | None = None,
                radius: float | None = None) -> SearchResult:
         """Top-k map images by inner product for (B, D) L2-normalised query descriptors.
 
         With `hint_xy` ((B, 2) easting/northing in the map's zone; NaN rows = no hint) and `radius`
         (metres), each hinted query is scored exactly against the map images within the radius only;
-        when none lies there it falls back to the whole map and `fallback` says so.
+        when none lies there it falls back to the whole map and `fallback` says so. An approximate ('ivfpq')
+        index proposes `rescore` candidates per query, which are scored exactly: scores are always inner products.
         """
         queries = np.ascontiguousarray(np.atleast_2d(np.asarray(queries, dtype=np.float32)))
         if queries.ndim != 2 or queries.shape[1] != self.dim:
@@ -446,15 +500,47 @@ class MapBundle:
                     continue
                 restricted[q] = True
                 near = np.sort(np.asarray(near, dtype=np.int64))
-                s = dot_rows(np.asarray(self.descriptors[near], dtype=np.float32), queries[q])
-                top = np.argsort(-s, kind="stable")[:k]
-                ids[q, :top.size], scores[q, :top.size] = near[top], s[top]
+                top, s = _top_exact(self.rows(near), queries[q], k)
+                ids[q, :top.size], scores[q, :top.size] = near[top], s
         whole = np.flatnonzero(~restricted)
         if whole.size:
-            s, i = self.index.search(queries[whole], min(k, len(self)))
-            ids[whole, :i.shape[1]], scores[whole, :s.shape[1]] = i, s
+            approximate = self.meta.index.kind == "ivfpq" and not isinstance(self.index, TorchFlatIndex)
+            depth = min(max(k, self.meta.index.rescore) if approximate else k, len(self))
+            s, i = self.index.search(queries[whole], depth)
+            if approximate:
+                for row, q in enumerate(whole):
+                    proposed = i[row][i[row] >= 0]
+                    top, best = _top_exact(self.rows(proposed), queries[q], k)
+                    ids[q, :top.size], scores[q, :top.size] = proposed[top], best
+            else:
+                ids[whole, :i.shape[1]], scores[whole, :s.shape[1]] = i, s
             scores[ids < 0] = -np.inf
         return SearchResult(ids=ids, scores=scores, restricted=restricted, fallback=fallback)
+
+
+def _top_exact(rows: np.ndarray, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Positions and inner products of the k rows most similar to `query`, best first (ties: lower position)."""
+    s = dot_rows(rows, query)
+    top = np.argsort(-s, kind="stable")[:k]
+    return top, s[top]
+
+
+class TorchFlatIndex:
+    """Exact inner-product search in torch over the descriptors held on a CUDA device: the GPU search where
+    faiss has no GPU support (e.g. pip's faiss-cpu beside a CUDA build of torch). faiss's `search` interface."""
+
+    def __init__(self, descriptors: np.ndarray, device: torch.device, chunk: int = 65536) -> None:
+        n, self.d = descriptors.shape
+        self.ntotal = n
+        self.vectors = torch.empty((n, self.d), dtype=torch.float16, device=device)
+        for start in range(0, n, chunk):
+            self.vectors[start:start + chunk] = torch.from_numpy(np.asarray(descriptors[start:start + chunk],
+                                                                            np.float16)).to(device)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        q = torch.from_numpy(np.asarray(queries, np.float32)).to(self.vectors.device, torch.float16)
+        scores, ids = (q @ self.vectors.T).float().topk(min(int(k), self.ntotal), dim=1)
+        return scores.cpu().numpy(), ids.cpu().numpy()
 
 
 def _gpu_available() -> bool:
@@ -468,25 +554,47 @@ def dot_rows(rows: np.ndarray, vector: np.ndarray) -> np.ndarray:
     return np.einsum("ij,j->i", rows, vector)
 
 
-def _train_index(vectors: np.ndarray, config: IndexConfig) -> tuple[object, IndexConfig]:
-    """A faiss inner-product index over the vectors, and the settings it was built with."""
+def _pca(rows: np.ndarray, reduced: int) -> object:
+    """faiss transform onto the `reduced` leading principal directions of `rows` (torch's eigh: faiss's own PCA
+    training takes minutes at D = 4096). No bias: the index compares L2 distances, which a shift leaves alone."""
     faiss = _faiss()
-    n, dim = vectors.shape
+    x = torch.from_numpy(rows)
+    centred = x - x.mean(0)
+    _, vectors = torch.linalg.eigh(centred.T @ centred)          # ascending eigenvalues
+    basis = vectors[:, -reduced:].flip(1).T.contiguous().numpy()  # (reduced, D), leading direction first
+    transform = faiss.LinearTransform(rows.shape[1], reduced, False)
+    faiss.copy_array_to_vector(basis.ravel(), transform.A)
+    transform.is_trained = True
+    return transform
+
+
+def _build_index(descriptors: np.ndarray, config: IndexConfig, progress: bool = False) -> tuple[object, IndexConfig]:
+    """A faiss index over the (N, D) stored descriptors, filled BUILD_CHUNK rows at a time, and the settings it
+    was built with. 'ivfpq' trains its PCA and quantizers on a random sample of `train_size` rows."""
+    faiss = _faiss()
+    n, dim = descriptors.shape
     if config.kind == "flat":
-        index = faiss.IndexFlatIP(dim)
-        config = IndexConfig(kind="flat")
+        index, config = faiss.IndexFlatIP(dim), IndexConfig(kind="flat")
     else:
-        if dim % config.pq_m:
-            raise ValueError(f"pq_m={config.pq_m} must divide the descriptor dimension {dim}")
-        needed = max(config.nlist, 2 ** config.pq_bits)
+        reduced = config.pca_dim if 0 < config.pca_dim < dim else dim
+        config = IndexConfig(**{**asdict(config), "pca_dim": 0 if reduced == dim else reduced})
+        if reduced % config.pq_m:
+            raise ValueError(f"pq_m={config.pq_m} must divide the dimension the index works in ({reduced})")
+        needed = max(config.nlist, 2 ** config.pq_bits, reduced if reduced < dim else 0)
         if n < needed:
             raise ValueError(f"an IVF{config.nlist},PQ{config.pq_m}x{config.pq_bits} index needs at least "
                              f"{needed} images to train, the map has {n}: use the flat index")
-        index = faiss.index_factory(dim, f"IVF{config.nlist},PQ{config.pq_m}x{config.pq_bits}",
-                                    faiss.METRIC_INNER_PRODUCT)
-        index.train(vectors)
+        sample = np.sort(np.random.default_rng(0).choice(n, min(n, config.train_size), replace=False))
+        train = np.asarray(descriptors[sample], dtype=np.float32)
+        # L2 on unit vectors orders like the inner product, and unlike it survives the projection.
+        index = faiss.index_factory(reduced, f"IVF{config.nlist},PQ{config.pq_m}x{config.pq_bits}", faiss.METRIC_L2)
+        if reduced < dim:
+            index = faiss.IndexPreTransform(_pca(train[:PCA_SAMPLE], reduced), index)
+        index.train(train)
+        del train
         faiss.extract_index_ivf(index).nprobe = config.nprobe
-    index.add(vectors)
+    for start in tqdm(range(0, n, BUILD_CHUNK), desc="index", unit="chunk", disable=not progress):
+        index.add(np.asarray(descriptors[start:start + BUILD_CHUNK], dtype=np.float32))
     return index, config
 
 

@@ -73,6 +73,11 @@ PARAMETERS = {  # name: (default, description); every one is documented in confi
     "gps_radius_m": (50.0, "search radius around a GPS hint, plus 3 sigma of the fix"),
     "rate_hz": (10.0, "how often the newest frame is processed, at most"),
     "device": ("auto", "cuda, cpu or auto"),
+    "fp16": (False, "float16 autocast for the descriptor on CUDA (backend torch); ignored on the CPU"),
+    "backend": ("torch", "descriptor inference: torch or onnxruntime (docs/deployment.md)"),
+    "onnx_model": ("", "with backend onnxruntime: an ONNX export of the map's model; empty = export it into the cache"),
+    "onnx_providers": ("CPUExecutionProvider", "with backend onnxruntime: execution providers, comma-separated, or "
+                                               "auto (TensorRT, CUDA, CPU: those available)"),
     "publish_matches": (False, "publish ~/matches markers at the top matches"),
     "allow_untrained": (False, "run a learned re-ranker without trained weights (warned at every diagnostics period)"),
     "heading_source": ("none", "where the camera's heading comes from: none, imu (sensor_msgs/Imu on 'heading') or "
@@ -187,7 +192,8 @@ class LocalizerNode(Node):
         self.worker = threading.Thread(target=self._work, name="vpr_localizer pipeline", daemon=True)
         self.worker.start()
         self.get_logger().info(f"localising against {len(self.localizer.bundle)} map images with "
-                               f"{self.p['reranker']} on {self.localizer.device}; images converted with "
+                               f"{self.p['reranker']} on {self.localizer.device}, descriptor with "
+                               f"{self.p['backend']}; images converted with "
                                f"{self.conversion}")
 
     # ------------------------------------------------------------------ set-up
@@ -209,7 +215,8 @@ class LocalizerNode(Node):
     @staticmethod
     def _settings(p: dict, map_size: int) -> LocalizerSettings:
         return LocalizerSettings(top_k=min(p["top_k"], map_size), pose_matches=min(p["pose_matches"], map_size),
-                                 gps_radius_m=p["gps_radius_m"], device=p["device"])
+                                 gps_radius_m=p["gps_radius_m"], device=p["device"], fp16=p["fp16"], backend=p["backend"],
+                                 onnx_model=p["onnx_model"], onnx_providers=p["onnx_providers"])
 
     def _load_localizer(self) -> tuple[Localizer, EnuFrame]:
         """The localizer of the configured map and model, and the ENU frame of the output datum."""

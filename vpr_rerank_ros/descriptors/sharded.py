@@ -22,7 +22,7 @@ def parts_folder(out: str | Path) -> Path:
 
 def describe_sharded(items: Sequence[tuple[str, str | Path]], model: GlobalDescriptor, out: str | Path,
                      workers: Workers = Workers(), device: str | None = None, batch_size: int = 8,
-                     loader_workers: int = 0, progress: bool = False) -> dict[str, str]:
+                     loader_workers: int = 0, progress: bool = False, fp16: bool = False) -> dict[str, str]:
     """Describe (key, path) `items` into the HDF5 file `out`. Rank r of `workers` takes items r, r + W, ...
     into `out.parts/rank-r-of-W.h5`, skipping the images its part already holds (a killed job started again
     with the same number of processes resumes); once every rank is done, rank 0 merges the parts into `out`
@@ -37,7 +37,7 @@ def describe_sharded(items: Sequence[tuple[str, str | Path]], model: GlobalDescr
     folder.mkdir(parents=True, exist_ok=True)
     part = folder / f"rank-{workers.rank}-of-{workers.world}.h5"
     with DescriptorStore(part, model.identity, model.output_dim) as store:
-        extractor = DescriptorExtractor(model, device, batch_size, workers=loader_workers)
+        extractor = DescriptorExtractor(model, device, batch_size, fp16=fp16, workers=loader_workers)
         failed = extractor.describe_files(list(items)[workers.rank::workers.world], progress=progress, store=store,
                                           label=f"describe {workers.rank + 1}/{workers.world}").failed
     workers.barrier()

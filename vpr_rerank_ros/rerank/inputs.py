@@ -82,7 +82,7 @@ def rerank_inputs(bundle: "MapBundle", query: np.ndarray, ids: np.ndarray, query
     if (ids < 0).any():
         raise ValueError("some queries have fewer candidates than K (padding ids of -1); use a smaller K")
     query = np.ascontiguousarray(np.atleast_2d(query), dtype=np.float32)
-    candidates = np.asarray(bundle.descriptors[ids.reshape(-1)], np.float32).reshape(*ids.shape, -1)
+    candidates = bundle.rows(ids)
     poses = overlaps = heading = None
     if geometry:
         poses = torch.from_numpy(bundle.table.poses[ids])
