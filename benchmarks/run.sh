@@ -3,10 +3,12 @@
 # saying when and where, then regenerates README.md's performance section from them (readme_performance.py).
 #   benchmarks/run.sh cpu    the CPU set (`make bench`)
 #   benchmarks/run.sh gpu    on a CUDA machine: the installed builds, the CUDA tests, then the GPU set
+#   benchmarks/run.sh cpu geometry rerank    only those benchmarks of the set
 # PYTHON defaults to .venv/bin/python.
 set -u
 cd "$(dirname "$0")/.."
 MACHINE=${1:-cpu}
+ONLY=" ${*:2} "
 PY=${PYTHON:-.venv/bin/python}
 RESULTS=benchmarks/results
 mkdir -p "$RESULTS"
@@ -21,6 +23,7 @@ STAMP="measured $(date -u +%Y-%m-%d) on ${WHERE:-an unknown machine}, $(nproc) C
 run() {  # run NAME TIMEOUT ARGS...: one benchmark, its output saved after the stamp
     local name=$1 limit=$2
     shift 2
+    [ "$ONLY" = "  " ] || [[ "$ONLY" == *" $name "* ]] || return 0
     { echo "$STAMP"; timeout "$limit" $PY "benchmarks/$name.py" "$@" 2>&1 | grep -v -E '^WARNING|it/s\]|chunk/s\]'; } \
         | tee "$RESULTS/$MACHINE-$name.txt"
 }
