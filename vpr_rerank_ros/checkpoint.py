@@ -11,14 +11,20 @@ import torch
 from safetensors.torch import load_file, save_file
 
 
+def staged(path: str | Path, suffix: str, what: str) -> tuple[Path, Path]:
+    """`path` and the sibling a writer fills before renaming it into place (so that a killed writer never leaves
+    half a file), its folder made; a name not ending in `suffix` is refused, naming `what` it is for."""
+    path = Path(path)
+    if path.suffix != suffix:
+        raise ValueError(f"{what} end in {suffix}, got {path.name}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path, path.with_name(path.name + ".partial")
+
+
 def write_checkpoint(path: str | Path, tensors: dict[str, torch.Tensor], format_name: str, config: dict) -> Path:
     """Write the tensors and `{"format", "version": 1, **config}`; `path` must end in .safetensors. Each file is
-    written beside its name and renamed into place, so a killed writer never leaves half a file."""
-    path = Path(path)
-    if path.suffix != ".safetensors":
-        raise ValueError(f"checkpoints end in .safetensors, got {path.name}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
+    written beside its name and renamed into place (`staged`)."""
+    path, partial = staged(path, ".safetensors", "checkpoints")
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(partial))
     os.replace(partial, path)
     document = {"format": format_name, "version": 1, **config}

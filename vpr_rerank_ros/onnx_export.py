@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .checkpoint import staged
 from .descriptors.extract import DescriptorExtractor
 from .descriptors.loaders import load_model
 from .descriptors.model import GlobalDescriptor
@@ -101,11 +102,7 @@ def _export(module: nn.Module, args: tuple, path: str | Path, input_axes: dict, 
     written beside its name and renamed into place, so a killed export never leaves half a model."""
     import onnx
 
-    path = Path(path)
-    if path.suffix != ".onnx":
-        raise ValueError(f"ONNX files end in .onnx, got {path.name}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
+    path, partial = staged(path, ".onnx", "ONNX files")
     with warnings.catch_warnings(), torch.no_grad():
         # The TorchScript exporter's deprecation notice, and the tracer's notes on shape checks turned constant.
         warnings.simplefilter("ignore", DeprecationWarning)
