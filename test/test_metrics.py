@@ -103,3 +103,26 @@ def test_localization_errors():
         localization_errors(est, np.full((10, 2), np.nan))
     with pytest.raises(ValueError, match=r"\(N, 2\)"):
         localization_errors(est[:3], true)
+
+
+def test_calibration_of_honest_too_small_and_too_large_covariances():
+    """Errors drawn from the covariance itself cover the 95 % ellipse about 95 % of the time with mean NEES 2;
+    covariances four times too small (errors twice their sigma) cover far less, four times too large far more."""
+    from vpr_rerank_ros.metrics import CHI2_2DOF_95, calibration
+
+    rng = np.random.default_rng(0)
+    n = 20000
+    a = rng.normal(size=(n, 2, 2))
+    cov = a @ a.transpose(0, 2, 1) + 0.5 * np.eye(2)               # random SPD covariances
+    truth = rng.uniform(0, 1000, (n, 2))
+    estimate = truth + np.einsum("nij,nj->ni", np.linalg.cholesky(cov), rng.normal(size=(n, 2)))
+    honest = calibration(estimate, truth, cov)
+    assert abs(honest["coverage95"] - 0.95) < 0.01 and abs(honest["mean_nees"] - 2.0) < 0.05
+    small, large = calibration(estimate, truth, cov / 4), calibration(estimate, truth, cov * 4)
+    # NEES scales by 4 and 1/4; P(chi-square(2) <= x) = 1 - exp(-x / 2).
+    assert abs(small["coverage95"] - (1 - np.exp(-CHI2_2DOF_95 / 8))) < 0.01 and abs(small["mean_nees"] - 8.0) < 0.2
+    assert large["coverage95"] > 0.999 and abs(large["mean_nees"] - 0.5) < 0.02
+    estimate[0] = np.nan                                            # no estimate: left out, counted
+    assert calibration(estimate, truth, cov)["frames_scored"] == n - 1
+    with pytest.raises(ValueError, match="positive definite"):
+        calibration(estimate[:2], truth[:2], np.zeros((2, 2, 2)))

@@ -154,3 +154,28 @@ def localization_errors(estimated_xy, true_xy, radii: Sequence[float] = (5.0, 10
     for r in radii:
         stats[f"within_{r:g}m"] = float((errors <= r).mean())
     return stats
+
+
+CHI2_2DOF_95 = 5.991464547107979      # P(chi-square with 2 degrees of freedom <= this) = 0.95
+
+
+def calibration(estimated_xy, true_xy, covariances) -> dict:
+    """How honest (N, 2, 2) position covariances are: `coverage95`, the fraction of frames whose true position
+    lies inside the estimate's 95 % ellipse (about 0.95 when honest), and `mean_nees`, the mean normalised
+    estimation error squared e^T S^-1 e (about 2, the dimension, when honest; larger: covariances too small).
+    Frames without an estimate (NaN rows) are left out and counted in `frames_scored`."""
+    est, true = np.asarray(estimated_xy, dtype=np.float64), _points(true_xy, "true_xy")
+    cov = np.asarray(covariances, dtype=np.float64)
+    if est.shape != true.shape or cov.shape != (len(true), 2, 2):
+        raise ValueError(f"need (N, 2) estimates and truths and (N, 2, 2) covariances, got {est.shape}, "
+                         f"{true.shape} and {cov.shape}")
+    scored = np.isfinite(est).all(axis=1)
+    if not scored.any():
+        raise ValueError("no frame has an estimate")
+    if not (np.allclose(cov[scored], cov[scored].transpose(0, 2, 1)) and
+            (np.linalg.eigvalsh(cov[scored]).min(axis=1) > 0).all()):
+        raise ValueError("covariances must be symmetric positive definite")
+    error = (est - true)[scored]
+    nees = np.einsum("ni,ni->n", error, np.linalg.solve(cov[scored], error[..., None])[..., 0])
+    return {"frames_scored": int(scored.sum()), "coverage95": float((nees <= CHI2_2DOF_95).mean()),
+            "mean_nees": float(nees.mean())}
