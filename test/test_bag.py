@@ -96,3 +96,48 @@ def test_decode_raw_encodings_and_errors():
         decode_raw("rgb8", 2, 3, 4, bytes(8))
     with pytest.raises(ImageError, match="empty"):
         decode_raw("rgb8", 0, 3, 9, b"")
+
+
+def write_topics(path, connections):
+    """A bag with the topics of `connections` (topic -> type) and no messages: enough for topic selection."""
+    from vpr_rerank_ros.bag import write_messages
+
+    return write_messages(path, connections, [])
+
+
+def test_select_topics_by_type_and_name(tmp_path):
+    from vpr_rerank_ros.bag import ReplayTopics, select_topics
+
+    image, compressed, fix = "sensor_msgs/msg/Image", "sensor_msgs/msg/CompressedImage", "sensor_msgs/msg/NavSatFix"
+    one = write_topics(tmp_path / "one", {"/front/image": image, "/ublox/fix": fix, "/rtk/truth": fix,
+                                          "/odom_other": "std_msgs/msg/String"})
+    assert select_topics(one) == ReplayTopics("/front/image", image, "/ublox/fix", "/rtk/truth", fix)
+    # Names given by the user override the rule: the receiver's fix as truth, no GPS left.
+    assert select_topics(one, truth="/ublox/fix", gps="/rtk/truth").truth == "/ublox/fix"
+    two = write_topics(tmp_path / "two", {"/a/image": image, "/b/compressed": compressed, "/fix1": fix,
+                                          "/fix2": fix, "/odom": "nav_msgs/msg/Odometry"})
+    with pytest.raises(ValueError, match=r"several topics could be the camera: /a/image \(sensor_msgs/msg/Image, 0 "
+                                         r"messages\), /b/compressed .*; choose one with --image-topic"):
+        select_topics(two)
+    with pytest.raises(ValueError, match="several topics could be the GPS: /fix1 .*/fix2 .*--gps-topic"):
+        select_topics(two, image="/b/compressed")
+    chosen = select_topics(two, image="/b/compressed", gps="/fix2")
+    assert chosen.compressed and chosen.truth == "/odom" and chosen.truth_type == "nav_msgs/msg/Odometry"
+    with pytest.raises(ValueError, match=r"no topic /nope \(--image-topic\); the bag has /a/image "
+                                         r"\(sensor_msgs/msg/Image, 0 messages\), /b/compressed"):
+        select_topics(two, image="/nope")
+    with pytest.raises(ValueError, match="--truth-topic /a/image is a sensor_msgs/msg/Image; the ground truth must be"):
+        select_topics(two, image="/b/compressed", gps="/fix1", truth="/a/image")
+    none = write_topics(tmp_path / "none", {"/fix": fix})
+    with pytest.raises(ValueError, match=r"no camera topic .*; the bag has /fix \(sensor_msgs/msg/NavSatFix"):
+        select_topics(none)
+
+
+def test_synthetic_bag_topics_are_found_by_type(tmp_path):
+    from vpr_rerank_ros.bag import select_topics
+
+    frames, fixes, truth = sample_drive(2)
+    path = write_drive_bag(tmp_path / "d", frames, fixes, truth)
+    chosen = select_topics(path)
+    assert (chosen.image, chosen.gps, chosen.truth) == ("/camera/image_raw/compressed", "/gps/fix",
+                                                       "/ground_truth/pose")

@@ -25,7 +25,7 @@ def dms(value: float):
     return (IFDRational(d), IFDRational(m), IFDRational(round((value - d - m / 60) * 3600 * 1000), 1000))
 
 
-def photo(path, lat=None, lon=None, direction=None, seed=0):
+def photo(path, lat=None, lon=None, direction=None, seed=0, size=(48, 64)):
     rng = np.random.default_rng(seed)
     exif = Image.Exif()
     if lat is not None:
@@ -33,7 +33,7 @@ def photo(path, lat=None, lon=None, direction=None, seed=0):
         if direction is not None:
             gps[17] = IFDRational(round(direction * 10), 10)
         exif[ExifTags.IFD.GPSInfo] = gps
-    Image.fromarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(path, exif=exif)
+    Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(path, exif=exif)
 
 
 def test_folder_with_exif_gps(tmp_path):
@@ -135,6 +135,14 @@ def test_vpr_map_query_writes_csv(synthetic_map, tmp_path, capsys):
     east, north, _ = latlon_to_utm(query.lat[0], query.lon[0], report.bundle.table.zone)
     assert float(with_gps[0]["query_easting"]) == pytest.approx(float(east), abs=0.5)
     assert all(r["query_easting"] == "" for r in rows if r["query"] != "q0")
+    # a summary line per query: its top match, the score, and how far it is from the query's GPS position
+    summary = capsys.readouterr().out.strip().splitlines()
+    assert summary[0] == f"{out}: 12 rows for 3 queries" and len(summary) == 4
+    top = with_gps[0]
+    distance = np.hypot(float(top["easting"]) - float(top["query_easting"]),
+                        float(top["northing"]) - float(top["query_northing"]))
+    assert summary[1] == f"q0: {top['key']} (score {float(top['score']):.3f}), {distance:.1f} m from the query's GPS position"
+    assert summary[2].startswith(f"q1: {rows[4]['key']} (score ") and summary[2].endswith(", query without GPS")
     assert map_main(["query", str(report.bundle.root), "--images", str(tmp_path / "nope"), "--out", str(out)]) == 1
     assert "no such folder" in capsys.readouterr().err
 
@@ -209,3 +217,19 @@ def test_a_killed_build_resumes_describing_where_it_stopped(tmp_path, monkeypatc
     whole = build_map(tmp_path / "whole", images, model, device="cpu", batch_size=2).bundle
     order = np.argsort(resumed.table.keys)
     assert np.allclose(resumed.descriptors[order], whole.descriptors[np.argsort(whole.table.keys)], atol=1e-6)
+
+
+def test_an_offline_fit_on_a_sample_describes_the_rest_in_a_second_pass(tmp_path, monkeypatch):
+    """Maps larger than the offline fit's PCA sample: the fitted model describes every image (resumably) and the
+    map holds them all, with the model stored in it."""
+    from functools import partial
+
+    from vpr_rerank_ros import mapbuild
+
+    for i in range(10):
+        photo(tmp_path / f"{i:02d}.jpg", 55.70, 13.20 + i * 1e-4, direction=90.0, seed=i, size=(240, 320))
+    monkeypatch.setattr(mapbuild, "fit_offline_model", partial(mapbuild.fit_offline_model, pca_images=6))
+    report = mapbuild.build_map(tmp_path / "map", geotagged.from_folder(tmp_path), device="cpu")
+    assert len(report.bundle) == 10 and report.bundle.attachment("model.safetensors") is not None
+    assert report.bundle.meta.descriptor.stored_model and not (tmp_path / "map.describing.h5").exists()
+    assert map_model(report.bundle).identity == report.model.identity

@@ -1,10 +1,11 @@
 """Console scripts: each parses its arguments, calls the core and returns an exit code: 0 success, 1 a user
-error reported in one line that names the problem, 2 bad usage (argparse's own). `*_main(argv)` functions
-are importable."""
+error reported in one line that names the problem, 2 bad usage (argparse's own), 130 interrupted (Ctrl-C, the
+shell's 128 + SIGINT). `*_main(argv)` functions are importable."""
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from typing import Callable
 
@@ -17,15 +18,20 @@ TOP_K = LocalizerSettings.top_k   # candidates retrieved and re-ranked per query
 # What a user's input can cause (a missing file, a bad value, a map that does not fit, a failed node or a
 # training that diverged): one line on stderr and exit code 1, never a traceback.
 USER_ERRORS = (OSError, ValueError, RuntimeError, ArithmeticError)
+INTERRUPTED = 130   # the exit code of a command stopped by Ctrl-C: 128 + SIGINT, as the shell reports it
 
 
-def report_user_errors(prog: str, action: Callable[[], int]) -> int:
-    """`action()`'s exit code, or 1 after printing a user error as `prog: message`."""
+def report_user_errors(prog: str, action: Callable[[], int], interrupted: str = "") -> int:
+    """`action()`'s exit code, or 1 after printing a user error as `prog: message`, or INTERRUPTED after printing
+    `prog: interrupted` and what `interrupted` says was left behind, for Ctrl-C."""
     try:
         return action()
     except USER_ERRORS as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted{f'; {interrupted}' if interrupted else ''}", file=sys.stderr)
+        return INTERRUPTED
 
 
 def _warn(prog: str) -> Callable[[str], None]:
@@ -73,7 +79,19 @@ def map_main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     commands = {"build": _map_build, "describe": _map_describe, "query": _map_query, "info": _map_info,
                 "verify": _map_info}
-    return report_user_errors("vpr-map", lambda: commands[args.command](args))
+    return report_user_errors("vpr-map", lambda: commands[args.command](args), _left_behind(args))
+
+
+def _left_behind(args) -> str:
+    """What an interrupted `vpr-map` command leaves, for its one line."""
+    if args.command == "build" and args.model:
+        return (f"no map written; the images described so far are kept in {args.out}.describing.h5, and the same "
+                "command resumes from them")
+    if args.command == "build":
+        return "no map written"
+    if args.command == "describe":
+        return f"the same command resumes {args.out} with the images not described yet"
+    return ""
 
 
 def _image_source(parser: argparse.ArgumentParser, out_help: str, images_help: str, msls_help: str) -> None:
@@ -117,9 +135,12 @@ def _model_options(parser: argparse.ArgumentParser, weights_help: str) -> None:
 def _map_build(args) -> int:
     from .datasets import geotagged
     from .datasets.msls import resolve_cities
+    from .descriptors.extract import pick_device
     from .descriptors.loaders import load_model
-    from .mapbuild import build_map
+    from .mapbuild import build_map, refuse_existing
 
+    refuse_existing(args.out, args.overwrite)   # before any image is read or model loaded
+    pick_device(args.device)
     if args.images:
         images = geotagged.from_folder(args.images, args.headings)
     elif args.csv:
@@ -137,6 +158,8 @@ def _map_build(args) -> int:
                        overwrite=args.overwrite, progress=True, descriptor_file=args.descriptors)
     for key, reason in report.skipped.items():
         print(f"skipped {key}: {reason}", file=sys.stderr)
+    for warning in report.warnings:
+        print(f"vpr-map: WARNING: {warning}", file=sys.stderr)
     meta = report.bundle.meta
     print(f"{args.out}: {len(report.bundle)} images, {meta.descriptor.dim}-D {meta.descriptor.name} descriptors, "
           f"UTM {meta.zone}, {meta.overlap_pairs} overlapping pairs")
@@ -190,7 +213,20 @@ def _map_query(args) -> int:
         writer.writeheader()
         writer.writerows({k: ("" if v is None else v) for k, v in row.items()} for row in rows)
     print(f"{args.out}: {len(rows)} rows for {len({r['query'] for r in rows})} queries")
+    for row in rows:
+        if row["rank"] == 1:
+            print(_top_match_line(row))
     return 0
+
+
+def _top_match_line(row: dict) -> str:
+    """A query's best match in one line: its key and score, and how far it lies from the query's own GPS position
+    when the query has one."""
+    line = f"{row['query']}: {row['key']} (score {row['score']:.3f})"
+    if row["query_easting"] is None:
+        return f"{line}, query without GPS"
+    distance = math.hypot(row["easting"] - row["query_easting"], row["northing"] - row["query_northing"])
+    return f"{line}, {distance:.1f} m from the query's GPS position"
 
 
 def weights_main(argv: list[str] | None = None) -> int:
@@ -369,15 +405,34 @@ def _evaluate(args) -> int:
 
 
 def replay_main(argv: list[str] | None = None) -> int:
-    """`vpr-replay BAG --map MAP`: localise a drive bag and score it against its ground truth, offline through
-    the Localizer or, with --live, by playing it onto ROS topics with /clock to a running vpr_localizer node."""
+    """`vpr-replay BAG --map MAP`: localise a drive bag and score it against its ground truth (or, without one,
+    report its consistency), offline through the Localizer or, with --live, by playing it onto ROS topics with
+    /clock to a running vpr_localizer node. `vpr-replay make-bag ...` turns geotagged photos into such a bag."""
+    from .truth import FRAMES
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["make-bag"]:
+        return _make_bag_main(argv[1:])
     parser = argparse.ArgumentParser(prog="vpr-replay", description=replay_main.__doc__.split(":", 1)[1].strip())
-    parser.add_argument("bag", help="ROS 2 bag directory (MCAP or SQLite) with camera, GPS and ground truth")
+    parser.add_argument("bag", help="ROS 2 bag directory (MCAP or SQLite) with a camera topic, and optionally GPS "
+                                    "and ground truth (docs/replay.md)")
+    topics = parser.add_argument_group("topics (default: found by message type, see docs/replay.md)")
+    topics.add_argument("--image-topic", help="camera topic (sensor_msgs/Image or CompressedImage)")
+    topics.add_argument("--gps-topic", help="GPS topic (sensor_msgs/NavSatFix)")
+    topics.add_argument("--truth-topic", help="ground-truth topic (NavSatFix, PoseStamped, PoseWithCovarianceStamped "
+                                              "or Odometry)")
+    topics.add_argument("--truth-frame", choices=FRAMES,
+                        help="positions of a pose-typed truth: utm (the map's zone, unless frame_id is utm_<zone>) "
+                             "or enu (metres from --datum); default: frame_id must be utm_<zone>")
+    topics.add_argument("--datum", type=_datum, help="with --truth-frame enu: LAT,LON[,ALT] of the ENU origin")
     parser.add_argument("--map", required=True, help="map directory")
     parser.add_argument("--model", help="descriptor weights; default: the model stored in the map")
     parser.add_argument("--reranker", type=_reranker_spec, default=("none", {}), help="NAME or NAME:key=value,...")
     parser.add_argument("--top-k", type=int, default=TOP_K, help=f"candidates re-ranked per frame (default {TOP_K})")
     parser.add_argument("--no-gps", action="store_true", help="ignore the bag's GPS fixes")
+    parser.add_argument("--filter", action="store_true",
+                        help="fuse consecutive estimates with the temporal filter (tracking.PoseFilter; the node's "
+                             "`filter: true`) and score its output")
     parser.add_argument("--device", default="auto", help="cuda, cpu or auto (default)")
     parser.add_argument("--csv", help="write one row per frame (estimate, truth, error)")
     live = parser.add_argument_group("live replay (--live)")
@@ -395,6 +450,25 @@ def replay_main(argv: list[str] | None = None) -> int:
     if not args.live and any(v is not None for v in live_only):
         parser.error("--rate, --wait-for-node, --frame-timeout and --node-params need --live")
     return report_user_errors("vpr-replay", lambda: _replay(args))
+
+
+def _datum(text: str) -> tuple[float, float, float]:
+    """LAT,LON or LAT,LON,ALT (degrees, metres)."""
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) not in (2, 3):
+        raise argparse.ArgumentTypeError(f"expected LAT,LON or LAT,LON,ALT, got {text!r}")
+    return (*values, 0.0)[:3]
+
+
+def _replay_input(args):
+    """What to read from the bag, from --image-topic, --gps-topic, --truth-topic, --truth-frame and --datum."""
+    from .replay import ReplayInput
+    from .truth import TruthFrame
+
+    return ReplayInput(args.image_topic, args.gps_topic, args.truth_topic, TruthFrame(args.truth_frame, args.datum))
 
 
 def _replay(args) -> int:
@@ -419,13 +493,15 @@ def _replay_offline(args):
     from .localizer import Localizer, LocalizerSettings
     from .mapbuild import map_model
     from .replay import format_report, replay_bag
+    from .tracking import PoseFilter
 
     bundle = MapBundle.load(args.map)
     name, params = args.reranker
     localizer = Localizer(bundle, map_model(bundle, args.model), name,
                           LocalizerSettings(top_k=min(args.top_k, len(bundle)), device=args.device), params)
     _warn_if_untrained(localizer.reranker)
-    report = replay_bag(args.bag, localizer, use_gps=not args.no_gps)
+    report = replay_bag(args.bag, localizer, _replay_input(args), use_gps=not args.no_gps,
+                        tracker=PoseFilter() if args.filter else None)
     print(format_report(report))
     return report
 
@@ -437,13 +513,41 @@ def _replay_live(args):
     name, params = args.reranker
     _warn_if_untrained(build_reranker(name, **params))   # a bad name or parameter fails before the node starts
     node = NodeSetup(map_path=args.map, model_path=args.model or "", reranker=name, reranker_params=params,
-                     top_k=args.top_k, device=args.device, params_file=args.node_params)
+                     top_k=args.top_k, device=args.device, params_file=args.node_params, filter=args.filter)
     settings = LiveSettings(rate=1.0 if args.rate is None else args.rate, wait_for_node=args.wait_for_node,
                             frame_timeout_s=30.0 if args.frame_timeout is None else args.frame_timeout,
                             use_gps=not args.no_gps)
-    live = replay_live(args.bag, node, settings)
+    live = replay_live(args.bag, node, settings, _replay_input(args))
     print(format_live_report(live))
     return live.report
+
+
+def _make_bag_main(argv: list[str]) -> int:
+    """`vpr-replay make-bag`: a drive bag from geotagged photos, with their positions as ground truth."""
+    parser = argparse.ArgumentParser(prog="vpr-replay make-bag", description="Write a ROS 2 bag of geotagged photos "
+                                     "(camera as CompressedImage, truth as NavSatFix) to replay with vpr-replay.")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--images", help="folder of photos with EXIF GPS (sorted by name = order of capture)")
+    source.add_argument("--csv", help="CSV of path, lat, lon (or easting, northing, zone), heading, as vpr-map reads")
+    parser.add_argument("--out", required=True, help="bag directory to write (must not exist)")
+    parser.add_argument("--rate", type=float, default=5.0, help="photos per second of bag time (default 5)")
+    parser.add_argument("--gps-noise", type=float,
+                        help="also write /gps/fix: the positions plus this much Gaussian noise, metres per axis")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the GPS noise (default 0)")
+    parser.add_argument("--storage", choices=("mcap", "sqlite3"), default="mcap", help="bag storage (default mcap)")
+    args = parser.parse_args(argv)
+
+    def run() -> int:
+        from .datasets.geotagged import from_csv, from_folder
+        from .photo_bag import photos_to_bag
+
+        images = from_folder(args.images) if args.images else from_csv(args.csv)
+        path = photos_to_bag(images, args.out, args.rate, args.gps_noise, args.seed, args.storage)
+        skipped = f" ({len(images.skipped)} photos without a position left out)" if images.skipped else ""
+        print(f"{len(images.items)} photos written to {path}{skipped}")
+        return 0
+
+    return report_user_errors("vpr-replay make-bag", run)
 
 
 def _city_map(text: str) -> tuple[str, str]:

@@ -12,6 +12,8 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from .descriptors.extract import pick_device
+
 # Ranks wait for each other at the end of a shard or while rank 0 validates: at MSLS scale that is hours.
 TIMEOUT = timedelta(hours=12)
 
@@ -30,9 +32,9 @@ class Workers:
         return self.rank == 0
 
     def device(self, requested: str | None = None) -> str:
-        """The device of this rank: its own GPU (cuda:LOCAL_RANK) when CUDA is used, else the CPU."""
-        if requested in (None, "", "auto"):
-            requested = "cuda" if torch.cuda.is_available() else "cpu"
+        """The device of this rank: its own GPU (cuda:LOCAL_RANK) when CUDA is used, else the CPU; a ValueError for
+        a device name `pick_device` refuses."""
+        requested = str(pick_device(requested))
         if requested == "cuda" and self.world > 1:
             return f"cuda:{self.local_rank}"
         return requested

@@ -7,9 +7,10 @@ from __future__ import annotations
 # Every received frame ends processed, dropped (replaced by a newer one before it was processed: latest frame
 # wins), bad (undecodable) or errors (failed while localising); lost = frames the middleware lost before they
 # reached the node; fixes / bad_fixes = GPS fixes received usable / unusable as a hint; headings / bad_headings =
-# orientation messages (heading_source) usable / unusable as a heading hint.
+# orientation messages (heading_source) usable / unusable as a heading hint; filter_rejected = estimates the
+# temporal filter (`filter: true`) did not believe.
 COUNTERS = ("received", "lost", "processed", "dropped", "bad", "errors", "fixes", "bad_fixes", "headings",
-            "bad_headings")
+            "bad_headings", "filter_rejected")
 STATUS_NAME = "vpr_localizer: pipeline"   # the DiagnosticStatus name of the node's counters and latencies
 DIAGNOSTICS_PERIOD_S = 1.0                # on the steady clock
 GPS_MAX_AGE_S = 2.0                       # default of the node's gps_max_age_s and of the offline replay

@@ -1,7 +1,8 @@
 """Live bag replay: the `vpr_localizer` node runs as a subprocess with `use_sim_time`, a drive bag's raw
 serialized camera and GPS messages are played onto its topics with `/clock` from the bag's timeline, and the
-poses and match markers the node publishes are matched to the ground truth by header stamp and scored with
-the offline replay's scoring (`replay.score_frames`).
+poses and match markers the node publishes are matched to the ground truth interpolated to their header stamps
+and scored with the offline replay's scoring (`replay.score_frames`); topics and truth are found as offline
+(`replay.open_drive`).
 
 Pacing: the bag clock runs at `rate` × wall time. With `wait_for_node` it also holds just before each camera
 frame until the node has answered the previous one (or `frame_timeout_s` passed), so a slow CPU still scores
@@ -31,10 +32,11 @@ from rclpy.executors import SingleThreadedExecutor
 from rosgraph_msgs.msg import Clock
 from visualization_msgs.msg import MarkerArray
 
-from .bag import TYPESTORE, DriveTopics, iter_bag, read_drive_bag, stamp_ns
+from .bag import FIX_TYPE, TYPESTORE, iter_bag, stamp_ns
 from .frames import COUNTERS, DIAGNOSTICS_PERIOD_S, STATUS_NAME
 from .mapdb import MapBundle
-from .replay import FrameEstimate, ReplayReport, format_report, score_frames, truth_positions
+from .replay import (FrameEstimate, GpsTrack, ReplayInput, ReplayReport, format_report, open_drive, score_frames,
+                     skip_reason)
 
 CLOCK_PERIOD_S = 0.025         # /clock is published about every 25 ms of wall time (40 Hz)
 NODE = "/vpr_localizer"        # the node's name, so its private topics are /vpr_localizer/pose, .../matches
@@ -44,7 +46,7 @@ STAGES = ("descriptor", "retrieval", "reranking", "pose", "total")   # the node'
 @dataclass(frozen=True)
 class NodeSetup:
     """What the node is started with. `params_file` holds any other node parameters; the replay always sets
-    map_path, model_path, reranker, reranker_params, top_k, device, compressed (from the bag), output: utm
+    map_path, model_path, reranker, reranker_params, top_k, device, filter, compressed (from the bag), output: utm
     (the ground truth's frame), publish_matches: true (for Recall@k) and use_sim_time: true."""
 
     map_path: str
@@ -54,6 +56,7 @@ class NodeSetup:
     top_k: int = 100
     device: str = "auto"
     params_file: str | None = None
+    filter: bool = False              # the node's temporal filter
 
 
 @dataclass(frozen=True)
@@ -92,27 +95,27 @@ def format_live_report(live: LiveReport) -> str:
 
 
 def replay_live(bag: str | Path, node: NodeSetup, settings: LiveSettings = LiveSettings(),
-                topics: DriveTopics = DriveTopics()) -> LiveReport:
+                request: ReplayInput = ReplayInput()) -> LiveReport:
     """Start the node, play the bag to it, score its poses. Raises RuntimeError when the node fails."""
-    drive = read_drive_bag(bag, topics, decode_images=False)
-    if drive.counts.get(topics.compressed):
-        camera, compressed = topics.compressed, True
-    elif drive.counts.get(topics.image):
-        camera, compressed = topics.image, False
-    else:
-        raise ValueError(f"{bag}: no camera frames on {topics.compressed} or {topics.image}")
     zone = MapBundle.load(node.map_path, verify=False, use_gpu=False).table.zone   # a clear error before ROS
-    truth = truth_positions(drive.truth, zone)
-    messages = iter_bag(bag, {camera, topics.gps} if settings.use_gps else {camera})
-    first = next(messages)
+    topics, truth = open_drive(bag, request, zone)
+    gps = GpsTrack.read(bag, topics.gps, zone) if topics.gps else None
+    played_gps = topics.gps if settings.use_gps else None
+    messages = iter_bag(bag, {topics.image, played_gps} - {None})
+    first = next(messages, None)
+    if first is None:
+        raise ValueError(f"{bag}: no messages on the camera topic {topics.image}")
     with tempfile.TemporaryDirectory(prefix="vpr_replay_") as tmp:
-        remaps = [f"image:={topics.image}", f"image/compressed:={topics.compressed}", f"gps/fix:={topics.gps}"]
-        params = [*([node.params_file] if node.params_file else []), _replay_params(node, compressed, Path(tmp))]
+        remaps = [("image/compressed:=" if topics.compressed else "image:=") + topics.image,
+                  *([f"gps/fix:={played_gps}"] if played_gps else [])]
+        params = [*([node.params_file] if node.params_file else []),
+                  _replay_params(node, topics.compressed, Path(tmp))]
         process = NodeProcess(params, Path(tmp) / "node.log", [arg for r in remaps for arg in ("-r", r)])
         context = rclpy.Context()
         try:
             rclpy.init(args=[], context=context)
-            player = _Player(context, process, camera, topics.gps, settings, start_ns=first[2])
+            player = _Player(context, process, topics.image, topics.image_type, played_gps, settings,
+                             start_ns=first[2])
             player.wait_for_node(settings.startup_timeout_s)
             start = time.monotonic()
             player.play(itertools.chain([first], messages))
@@ -123,13 +126,15 @@ def replay_live(bag: str | Path, node: NodeSetup, settings: LiveSettings = LiveS
             process.stop()
     frames, skipped = [], {}
     for stamp in player.sent:
-        if stamp not in truth:
-            skipped[stamp] = "no ground-truth pose with this stamp"
+        reason = skip_reason(truth, stamp)
+        if reason is not None:
+            skipped[stamp] = reason
             continue
         x, y = player.poses.get(stamp, (float("nan"), float("nan")))
-        frames.append(FrameEstimate(stamp, x, y, player.matches.get(stamp, [])))
+        frames.append(FrameEstimate(stamp, x, y, player.matches.get(stamp, []),
+                                    covariance=player.covariances.get(stamp)))
     try:
-        report = score_frames(frames, truth, skipped, player.latency_ms())
+        report = score_frames(frames, truth, skipped, player.latency_ms(), gps)
     except ValueError as exc:
         raise ValueError(f"{bag}: {exc}") from None
     answered = sum(stamp in player.poses for stamp in player.sent)
@@ -140,7 +145,8 @@ def _replay_params(node: NodeSetup, compressed: bool, folder: Path) -> Path:
     """The params file with what the replay sets (see NodeSetup)."""
     params = {"map_path": str(node.map_path), "model_path": str(node.model_path or ""), "reranker": node.reranker,
               "reranker_params": yaml.safe_dump(node.reranker_params or {}, default_flow_style=True).strip(),
-              "top_k": int(node.top_k), "device": node.device, "compressed": compressed, "output": "utm",
+              "top_k": int(node.top_k), "device": node.device, "filter": bool(node.filter),
+              "compressed": compressed, "output": "utm",
               "publish_matches": True, "use_sim_time": True}
     path = folder / "replay_params.yaml"
     path.write_text(yaml.safe_dump({"vpr_localizer": {"ros__parameters": params}}))
@@ -192,9 +198,11 @@ def _message_class(msgtype: str):
 class _Player:
     """The replay's own ROS node: publishes /clock and the bag's messages, collects the node's answers."""
 
-    def __init__(self, context, process: NodeProcess, camera: str, gps: str, settings: LiveSettings,
-                 start_ns: int) -> None:
-        self.process, self.camera, self.gps, self.settings = process, camera, gps, settings
+    def __init__(self, context, process: NodeProcess, camera: str, camera_type: str, gps: str | None,
+                 settings: LiveSettings, start_ns: int) -> None:
+        """`gps`: the GPS topic played, None when none is."""
+        self.process, self.settings = process, settings
+        self.camera, self.camera_type, self.gps = camera, camera_type, gps
         self.node = rclpy.create_node("vpr_replay", context=context)
         self.executor = SingleThreadedExecutor(context=context)
         self.executor.add_node(self.node)
@@ -202,6 +210,7 @@ class _Player:
         self.publishers = {}
         self.sent = {}            # camera frame stamp -> wall time published
         self.poses = {}           # stamp -> (easting, northing)
+        self.covariances = {}     # stamp -> (2, 2) position covariance, m^2
         self.answer_wall = {}     # stamp -> wall time the pose arrived
         self.matches = {}         # stamp -> [(easting, northing)] in rank order
         self.diagnostics = []     # (stamp ns, {key: value}) of the node's pipeline status
@@ -216,6 +225,7 @@ class _Player:
     def _on_pose(self, msg: PoseWithCovarianceStamped) -> None:
         stamp = stamp_ns(msg.header)
         self.poses[stamp] = (msg.pose.pose.position.x, msg.pose.pose.position.y)
+        self.covariances[stamp] = np.asarray(msg.pose.covariance, dtype=np.float64).reshape(6, 6)[:2, :2]
         self.answer_wall[stamp] = time.monotonic()
 
     def _on_matches(self, msg: MarkerArray) -> None:
@@ -253,12 +263,11 @@ class _Player:
         self.process.check_alive()
 
     def wait_for_node(self, timeout_s: float) -> None:
-        """Until the node subscribes to the camera, GPS and /clock topics and publishes its pose (it loads its
-        map first), then half a second more for discovery to settle both ways."""
-        camera_type = "sensor_msgs/msg/" + ("CompressedImage" if self.camera.endswith("compressed") else "Image")
-        waiting = [self._publisher(self.camera, camera_type), self.clock_pub]
-        if self.settings.use_gps:
-            waiting.append(self._publisher(self.gps, "sensor_msgs/msg/NavSatFix"))
+        """Until the node subscribes to the camera, GPS (when played) and /clock topics and publishes its pose (it
+        loads its map first), then half a second more for discovery to settle both ways."""
+        waiting = [self._publisher(self.camera, self.camera_type), self.clock_pub]
+        if self.gps is not None:
+            waiting.append(self._publisher(self.gps, FIX_TYPE))
         deadline = time.monotonic() + timeout_s
         while min(p.get_subscription_count() for p in waiting) == 0 or self.pose_sub.get_publisher_count() == 0:
             if time.monotonic() > deadline:

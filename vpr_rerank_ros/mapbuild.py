@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import logging
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 
 from .datasets.geotagged import ImageSet, read_exif_gps
 from .descriptors.extract import DescriptorExtractor, DescriptorStore, read_descriptors
@@ -20,6 +19,9 @@ from .mapdb import IndexConfig, MapBundle
 log = logging.getLogger(__name__)
 MODEL_FILE = "model.safetensors"
 MODEL_CONFIG = "model.json"
+# The offline default whitens with a PCA fitted on the map's own images, which keeps at most N - 1 dimensions for
+# N images: below this many dimensions its descriptors tell places apart poorly, and the build warns.
+MIN_OFFLINE_DIM = 32
 
 
 @dataclass
@@ -27,20 +29,28 @@ class BuildReport:
     bundle: MapBundle
     model: GlobalDescriptor | None   # None for a map of precomputed descriptors
     skipped: dict            # key -> reason (no GPS, unreadable image)
+    warnings: list = field(default_factory=list)   # what the user should know about the map (one line each)
+
+
+def refuse_existing(out: str | Path, overwrite: bool) -> None:
+    """A FileExistsError naming --overwrite when `out` exists and may not be replaced: the first check of a build,
+    before any image is read or model loaded."""
+    if Path(out).exists() and not overwrite:
+        raise FileExistsError(f"{out} already exists (pass overwrite=True, or --overwrite, to replace it)")
 
 
 def build_map(out: str | Path, images: ImageSet, model: GlobalDescriptor | None = None, device: str | None = None,
               fp16: bool = False, batch_size: int = 8, workers: int = 0, index: IndexConfig = IndexConfig(),
               dtype: str = "float32", overwrite: bool = False, progress: bool = False,
               descriptor_file: str | Path | None = None) -> BuildReport:
-    """Describe the images and write the map. Without `model`, the offline default is fitted on these
-    images and stored in the map (it is map-specific); with a model, only its identity is recorded, and the images
-    are described into `<out>.describing.h5` first, so a build that is killed resumes with the images it had not
-    described yet (and the map is written from that file in bounded memory). With `descriptor_file` (HDF5 keyed
+    """Describe the images and write the map. Without `model`, the offline default is fitted on these images and
+    stored in the map (it is map-specific; when its fit saw every image, the fit's descriptors are used); with a
+    model, only its identity is recorded. Images are described into `<out>.describing.h5` first, so a build that
+    is killed resumes with the images it had not described yet (and the map is written from that file in bounded
+    memory). With `descriptor_file` (HDF5 keyed
     by image key, see `read_descriptors`), its rows are used as they are."""
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists (pass overwrite=True, or --overwrite, to replace it)")
+    refuse_existing(out, overwrite)
     if descriptor_file is not None:
         if model is not None:
             raise ValueError("give a descriptor model or a file of precomputed descriptors, not both")
@@ -49,41 +59,53 @@ def build_map(out: str | Path, images: ImageSet, model: GlobalDescriptor | None 
                       "identity": identity, "stored_model": False}
         bundle = MapBundle.build(out, images.table, rows, descriptor, index=index, dtype=dtype, overwrite=overwrite)
         return BuildReport(bundle=bundle, model=None, skipped=dict(images.skipped))
-    if model is None:
-        return _build_offline(out, images, device, batch_size, workers, index, dtype, overwrite, progress)
-    store_path = out.with_name(out.name + ".describing.h5")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with DescriptorStore(store_path, model.identity, model.output_dim) as store:
-        failed = DescriptorExtractor(model, device, batch_size, fp16=fp16, workers=workers).describe_files(
-            images.items, progress=progress, store=store).failed
-        keys = [k.decode() if isinstance(k, bytes) else k for k in store.file["keys"][:]]
-        if not keys:
-            raise ValueError("no map image could be described")
-        row = {k: i for i, k in enumerate(images.table.keys)}
-        bundle = MapBundle.build(out, images.table.take([row[k] for k in keys]), store.file["descriptors"],
-                                 _descriptor_info(model, stored=False), index=index, dtype=dtype,
-                                 overwrite=overwrite, progress=progress)
-    store_path.unlink()
-    return BuildReport(bundle=bundle, model=model, skipped={**images.skipped, **failed})
+    attachments, warnings, stored = {}, [], model is None
+    with tempfile.TemporaryDirectory() as tmp:
+        if stored:
+            fit = fit_offline_model(images.items, device=device, batch_size=batch_size, workers=workers,
+                                    progress=progress)
+            model = fit.model
+            save_model(model, Path(tmp) / MODEL_FILE)
+            attachments = {MODEL_FILE: Path(tmp) / MODEL_FILE, MODEL_CONFIG: Path(tmp) / MODEL_CONFIG}
+            extraction = fit.descriptors_of_all(images.items)
+            if extraction is not None:             # the fit described every image: no second pass
+                warnings = _offline_warnings(model, len(extraction.keys))
+                bundle = _write(out, images, extraction.keys, extraction.descriptors, model, stored, index, dtype,
+                                overwrite, progress, attachments)
+                return BuildReport(bundle=bundle, model=model, skipped={**images.skipped, **extraction.failed},
+                                   warnings=warnings)
+        store_path = out.with_name(out.name + ".describing.h5")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with DescriptorStore(store_path, model.identity, model.output_dim) as store:
+            failed = DescriptorExtractor(model, device, batch_size, fp16=fp16, workers=workers).describe_files(
+                images.items, progress=progress, store=store).failed
+            keys = [k.decode() if isinstance(k, bytes) else k for k in store.file["keys"][:]]
+            bundle = _write(out, images, keys, store.file["descriptors"], model, stored, index, dtype, overwrite,
+                            progress, attachments)
+            warnings = _offline_warnings(model, len(keys)) if stored else []
+        store_path.unlink()
+    return BuildReport(bundle=bundle, model=model, skipped={**images.skipped, **failed}, warnings=warnings)
 
 
-def _build_offline(out: Path, images: ImageSet, device, batch_size: int, workers: int, index: IndexConfig,
-                   dtype: str, overwrite: bool, progress: bool) -> BuildReport:
-    """The offline default fitted on the map images, which describes them too; stored in the map."""
-    fit = fit_offline_model(images.items, device=device, batch_size=batch_size, workers=workers, progress=progress)
-    model, extraction = fit.model, fit.descriptors_of_all(images.items)
-    if not extraction.keys:
+def _write(out: Path, images: ImageSet, keys: list[str], descriptors, model: GlobalDescriptor, stored: bool,
+           index: IndexConfig, dtype: str, overwrite: bool, progress: bool, attachments: dict) -> MapBundle:
+    """The map of the described `keys` (rows of `descriptors`, any array-like, in that order)."""
+    if not keys:
         raise ValueError("no map image could be described")
     row = {k: i for i, k in enumerate(images.table.keys)}
-    order = np.argsort([row[k] for k in extraction.keys])
-    rows = np.array([row[k] for k in extraction.keys])[order]
-    with tempfile.TemporaryDirectory() as tmp:
-        save_model(model, Path(tmp) / MODEL_FILE)
-        attachments = {MODEL_FILE: Path(tmp) / MODEL_FILE, MODEL_CONFIG: Path(tmp) / MODEL_CONFIG}
-        bundle = MapBundle.build(out, images.table.take(rows), extraction.descriptors[order],
-                                 _descriptor_info(model, stored=True), index=index, dtype=dtype, overwrite=overwrite,
-                                 attachments=attachments)
-    return BuildReport(bundle=bundle, model=model, skipped={**images.skipped, **extraction.failed})
+    return MapBundle.build(out, images.table.take([row[k] for k in keys]), descriptors,
+                           _descriptor_info(model, stored), index=index, dtype=dtype, overwrite=overwrite,
+                           progress=progress, attachments=attachments)
+
+
+def _offline_warnings(model: GlobalDescriptor, images: int) -> list[str]:
+    """A warning when the offline default came out with fewer than MIN_OFFLINE_DIM dimensions (too few map
+    images for its PCA)."""
+    if model.output_dim >= MIN_OFFLINE_DIM:
+        return []
+    return [f"the offline descriptor has only {model.output_dim} dimensions: its PCA whitening is fitted on the "
+            f"{images} map images and keeps at most one fewer; retrieval with it is unreliable. Build from at "
+            f"least {MIN_OFFLINE_DIM + 1} images, or give trained weights with --model"]
 
 
 def _descriptor_info(model: GlobalDescriptor, stored: bool) -> dict:

@@ -16,6 +16,7 @@ diagnostics meanwhile.
 """
 from __future__ import annotations
 
+import difflib
 import math
 import sys
 import threading
@@ -33,20 +34,23 @@ from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescri
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.clock import Clock, ClockType
 from rclpy.event_handler import SubscriptionEventCallbacks, UnsupportedEventTypeError
-from rclpy.exceptions import ParameterException
+from rclpy.exceptions import InvalidParameterTypeException, ParameterException
 from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.node import Node
 from rclpy.qos import qos_profile_sensor_data
 from rclpy.task import Future
+from rclpy.utilities import remove_ros_args
 from nav_msgs.msg import Odometry
 from sensor_msgs.msg import CompressedImage, Image, Imu, NavSatFix, NavSatStatus
 from std_srvs.srv import Trigger
 from visualization_msgs.msg import Marker, MarkerArray
 
+from .descriptors.extract import pick_device
 from .frames import COUNTERS, DIAGNOSTICS_PERIOD_S, GPS_MAX_AGE_S, HEADING_MAX_AGE_S, STATUS_NAME, fresh_fix
 from .geo import EnuFrame, heading_to_yaw, meridian_convergence_deg, quaternion_yaw, yaw_to_heading
 from .images import ImageError, decode_image_message
 from .localizer import Localizer, LocalizerSettings, hint_from_fix
+from .tracking import PoseFilter, track
 from .mapbuild import map_model
 from .mapdb import MapBundle, MapError
 from .rerank import Reranker, available_rerankers, build_reranker
@@ -73,6 +77,8 @@ PARAMETERS = {  # name: (default, description); every one is documented in confi
     "gps_radius_m": (50.0, "search radius around a GPS hint, plus 3 sigma of the fix"),
     "rate_hz": (10.0, "how often the newest frame is processed, at most"),
     "device": ("auto", "cuda, cpu or auto"),
+    "filter": (False, "fuse consecutive estimates with the temporal filter (constant velocity, Mahalanobis gating, "
+                      "restart after repeated rejections) and publish its position and covariance"),
     "fp16": (False, "float16 autocast for the descriptor on CUDA (backend torch); ignored on the CPU"),
     "backend": ("torch", "descriptor inference: torch or onnxruntime (docs/deployment.md)"),
     "onnx_model": ("", "with backend onnxruntime: an ONNX export of the map's model; empty = export it into the cache"),
@@ -87,6 +93,8 @@ PARAMETERS = {  # name: (default, description); every one is documented in confi
     "heading_max_age_s": (HEADING_MAX_AGE_S, "headings further than this from the image stamp are ignored"),
 }
 HEADING_SOURCES = {"none": None, "imu": Imu, "odometry": Odometry}
+TAKES = {bool: "true or false", int: "an integer", float: "a number with a decimal point (such as 10.0)",
+         str: "a string"}   # what a parameter of each default's type takes, for the error naming a wrong one
 RUN_TIME = ("reranker", "reranker_params", "top_k", "pose_matches", "publish_matches")   # the rest are read-only
 RANGES = {"top_k": (1, INT_MAX), "pose_matches": (1, INT_MAX), "rate_hz": (POSITIVE, math.inf),
           "gps_max_age_s": (0.0, math.inf), "gps_radius_m": (POSITIVE, math.inf),
@@ -105,6 +113,24 @@ def parameter_descriptor(name: str) -> ParameterDescriptor:
         else:
             descriptor.floating_point_range = [FloatingPointRange(from_value=low, to_value=high)]
     return descriptor
+
+
+def unknown_parameter(name: str) -> str:
+    """The warning for a parameter the node does not take, suggesting the one it is close to (a typo)."""
+    close = difflib.get_close_matches(name, PARAMETERS, n=1)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    return f"ignoring unknown parameter {name}{hint}; vpr_localizer --help lists the parameters"
+
+
+def usage() -> str:
+    """`vpr_localizer --help`: how to start the node and every parameter with its default and description."""
+    lines = ["usage: vpr_localizer [--help] --ros-args --params-file PARAMS.yaml [-p NAME:=VALUE ...]", "",
+             __doc__.split("\n\n")[0].replace("\n", " "), "",
+             "parameters (NAME: default, description; * changes at run time; config/localize.yaml is an example):"]
+    for name, (default, text) in PARAMETERS.items():
+        lines.append(f"  {name}{' *' if name in RUN_TIME else ''}: {default!r}")
+        lines.append(f"      {text}")
+    return "\n".join(lines)
 
 
 def reranker_params(text: str) -> dict:
@@ -150,14 +176,14 @@ def image_decoder() -> tuple[str, Callable[[Image | CompressedImage], np.ndarray
 class LocalizerNode(Node):
     def __init__(self, **kwargs) -> None:
         super().__init__("vpr_localizer", **kwargs)
-        for name, (default, _) in PARAMETERS.items():
-            self.declare_parameter(name, default, parameter_descriptor(name))
+        self._declare_parameters()
         self.p = {name: self.get_parameter(name).value for name in PARAMETERS}
         self._validate(self.p)
         steady = Clock(clock_type=ClockType.STEADY_TIME)
         # rclpy throttles each place that logs separately, on this clock (its default is the system clock)
         self.throttled = {"throttle_duration_sec": WARN_PERIOD_S, "throttle_time_source_type": steady}
         self.localizer, self.enu = self._load_localizer()
+        self.tracker = PoseFilter() if self.p["filter"] else None
         self.conversion, self.decode = image_decoder()
         self.lock = threading.Lock()
         self.wake = threading.Condition(self.lock)   # a frame arrived, or the node stops
@@ -198,9 +224,26 @@ class LocalizerNode(Node):
 
     # ------------------------------------------------------------------ set-up
 
+    def _declare_parameters(self) -> None:
+        """Declare PARAMETERS with the values the node was started with (params files, -p). A value of the wrong
+        type is a ValueError naming the parameter, the type it takes and the value; a name the node does not know
+        is logged as a warning (with the parameter it is close to), since rclpy would ignore it silently."""
+        given = self._parameter_overrides   # rclpy keeps the start-up values here, with no public way to list them
+        for name in given:
+            if name not in PARAMETERS and not self.has_parameter(name):   # rclpy declares use_sim_time itself
+                self.get_logger().warning(unknown_parameter(name))
+        for name, (default, _) in PARAMETERS.items():
+            try:
+                self.declare_parameter(name, default, parameter_descriptor(name))
+            except InvalidParameterTypeException:
+                value = given[name]
+                raise ValueError(f"parameter {name} takes {TAKES[type(default)]}, got {value.value!r} "
+                                 f"({value.type_.name.lower().replace('_', ' ')})") from None
+
     @staticmethod
     def _validate(p: dict) -> None:
         """What the parameters' ranges cannot say (rclpy enforces those)."""
+        pick_device(p["device"])
         if not p["map_path"]:
             raise ValueError("parameter map_path is required (a map directory built with vpr-map build)")
         if p["output"] not in ("enu", "utm"):
@@ -344,9 +387,14 @@ class LocalizerNode(Node):
             self.get_logger().warning(f"skipping frame: {type(exc).__name__} while localising: {exc}",
                                       **self.throttled)
             return
+        rejected = False
+        if self.tracker is not None:
+            result, filtered = track(self.tracker, result, self.localizer.bundle.table.zone)
+            rejected = not filtered.accepted
         self._publish(msg.header, result)
         with self.lock:
             self.stats["processed"] += 1
+            self.stats["filter_rejected"] += rejected
             self.stats["last_latency"] = {**result.timings, "total": time.perf_counter() - start}
             self.stats["gps"] = result.gps_note if hint is not None else gps_note
             self.stats["heading"] = heading_note
@@ -508,10 +556,22 @@ class LocalizerNode(Node):
 
 
 def main(args: list[str] | None = None) -> int:
+    """Run the node until Ctrl-C or shutdown. Exit codes as the CLIs': 0 (also for --help), 1 a bad parameter,
+    map or model (one line naming it), 2 bad usage (malformed ROS arguments, arguments the node does not take)."""
+    args = sys.argv if args is None else args
     try:
         rclpy.init(args=args)
+        own = remove_ros_args(args)[1:]
     except Exception as exc:  # rcl reports malformed --ros-args with its own exception type
         print(f"vpr_localizer: cannot start ROS: {str(exc).splitlines()[0]}", file=sys.stderr)
+        return 2
+    if own:
+        rclpy.try_shutdown()
+        if own in (["-h"], ["--help"]):
+            print(usage())
+            return 0
+        print(f"vpr_localizer: unknown argument(s) {' '.join(own)}: parameters go after --ros-args "
+              "(vpr_localizer --help lists them)", file=sys.stderr)
         return 2
     try:
         node = LocalizerNode()

@@ -5,10 +5,12 @@ ROS-free: the node and the replay tool both use it. Positions are metres in one 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
+from .geo import UtmZone, utm_to_latlon
+from .localizer import Localization
 from .metrics import CHI2_2DOF_95
 
 
@@ -16,7 +18,7 @@ from .metrics import CHI2_2DOF_95
 class FilterSettings:
     """How much the vehicle may manoeuvre, which estimates are believed, and when to start over."""
 
-    accel_sigma: float = 1.5           # m/s^2, random acceleration of the constant-velocity model
+    accel_sigma: float = 10.0          # m/s^2, random acceleration of the constant-velocity model (about 1 g)
     initial_speed_sigma: float = 15.0  # m/s, velocity uncertainty when the filter (re)starts
     gate: float = 4 * CHI2_2DOF_95     # squared Mahalanobis distance beyond which an estimate is rejected
     restart_after: int = 4             # consecutive rejections after which the filter restarts at the newest
@@ -99,3 +101,13 @@ class PoseFilter:
         self.cov[2:, 2:] = np.eye(2) * self.settings.initial_speed_sigma ** 2
         self.stamp, self.rejected = stamp, 0
         return Filtered(xy.copy(), covariance.copy(), True, True, math.nan)
+
+
+def track(tracker: PoseFilter, result: Localization, zone: UtmZone) -> tuple[Localization, Filtered]:
+    """A localizer's `result` as the filter sees it after fusing it: the filter's position (lat/lon follow, in the
+    map's `zone`) and covariance; heading, matches and the rest stay the frame's own. The one place where the node
+    and the replay apply the filter."""
+    filtered = tracker.update(result.stamp, (result.easting, result.northing), result.position_covariance)
+    lat, lon = utm_to_latlon(filtered.xy[0], filtered.xy[1], zone)
+    return replace(result, easting=float(filtered.xy[0]), northing=float(filtered.xy[1]), lat=float(lat),
+                   lon=float(lon), position_covariance=filtered.covariance), filtered

@@ -7,6 +7,7 @@ Headings from the direction of travel are measured in the grid already."""
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -149,9 +150,37 @@ def _read_heading_overrides(path: str | Path) -> dict[str, float]:
     return {Path(n).name: h for n, h in zip(names, headings)} | {Path(n).stem: h for n, h in zip(names, headings)}
 
 
+# The values a CSV source's numeric columns may hold (inclusive); other columns take any finite number. A compass
+# heading is given in [0, 360] or signed in [-180, 180]: anything else (400, a value in radians times 100, the
+# wrong column) is more likely a mistake than a heading to wrap, so it is refused with its line.
+CSV_RANGES = {"lat": (-90.0, 90.0), "lon": (-180.0, 180.0), "heading": (-180.0, 360.0)}
+OPTIONAL_CSV_COLUMNS = ("captured_at",)   # may be left empty (NaN: unknown)
+
+
+def _csv_numbers(values: Sequence[str], column: str) -> np.ndarray:
+    """A numeric CSV column as floats; a ValueError naming the line (the header is line 1), the column and the
+    value of the first entry that is not a finite number within CSV_RANGES (empty is NaN where the column is
+    optional)."""
+    low, high = CSV_RANGES.get(column, (-math.inf, math.inf))
+    numbers = np.full(len(values), np.nan)
+    for row, text in enumerate(values):
+        if text.strip() == "" and column in OPTIONAL_CSV_COLUMNS:
+            continue
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and low <= value <= high):
+            within = f" in [{low:g}, {high:g}]" if math.isfinite(low) else ""
+            raise ValueError(f"line {row + 2}: {column} must be a number{within}, got {str(text)!r}")
+        numbers[row] = value
+    return numbers
+
+
 def from_csv(path: str | Path) -> ImageSet:
     """A CSV with `path, lat, lon, heading` or `path, easting, northing, zone, heading` (zone like '33N'),
-    optional `key` (default: file name without suffix) and `captured_at`; relative paths are relative to the CSV."""
+    optional `key` (default: file name without suffix) and `captured_at`; relative paths are relative to the CSV.
+    A value that is not a number in its range (`CSV_RANGES`) is refused with its line number."""
     path = Path(path)
     table = read_columns(path, ("path", "heading"))
     if len(table["path"]) == 0:
@@ -160,7 +189,7 @@ def from_csv(path: str | Path) -> ImageSet:
     keys = list(table["key"]) if "key" in table else [Path(p).stem for p in table["path"]]
 
     def numbers(column: str) -> np.ndarray:
-        return np.array([float(v) if v != "" else np.nan for v in table[column]])
+        return _csv_numbers(table[column], column)
 
     try:
         heading = numbers("heading")

@@ -20,11 +20,28 @@ from .model import GlobalDescriptor, check_unit_rows, prepare_image
 log = logging.getLogger(__name__)
 
 
+DEVICES = "auto, cpu, cuda or cuda:N"   # the device names every command and the node take
+
+
 def pick_device(device: str | None = None) -> torch.device:
-    """'cuda' when available unless told otherwise."""
+    """The torch device a `device` setting names: 'auto' (or none) is CUDA when available, else the CPU. A name
+    that is not one of DEVICES, or CUDA where this machine has none, is a ValueError that says so, before any
+    work, rather than a failure deep in the first batch."""
     if device in (None, "", "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        chosen = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {device!r}: expected {DEVICES}") from None
+    if chosen.type not in ("cpu", "cuda"):
+        raise ValueError(f"unknown device {device!r}: expected {DEVICES}")
+    if chosen.type == "cuda" and not torch.cuda.is_available():
+        build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}, no GPU found"
+        raise ValueError(f"device {device!r} needs CUDA, which is not available here (torch {torch.__version__}: "
+                         f"{build}); use cpu or auto")
+    if chosen.type == "cuda" and chosen.index is not None and chosen.index >= torch.cuda.device_count():
+        raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return chosen
 
 
 @dataclass

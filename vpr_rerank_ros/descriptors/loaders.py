@@ -38,6 +38,7 @@ def load_model(path: str | Path) -> GlobalDescriptor:
 def load_matconvnet(path: str | Path, whiten: bool = True) -> GlobalDescriptor:
     """hloc's VGG16-NetVLAD MatConvNet struct (`.mat`)."""
     from scipy.io import loadmat
+    from scipy.io.matlab import MatReadError
 
     path = Path(path)
     if not path.is_file():
@@ -45,8 +46,10 @@ def load_matconvnet(path: str | Path, whiten: bool = True) -> GlobalDescriptor:
     try:
         net = loadmat(path, struct_as_record=False, squeeze_me=True)["net"]
         layers = list(net.layers)
-    except (KeyError, AttributeError, ValueError, TypeError) as exc:
-        raise ValueError(f"{path}: not a MatConvNet struct export with net.layers ({exc})") from exc
+    except (MatReadError, NotImplementedError, KeyError, AttributeError, ValueError, TypeError) as exc:
+        # MatReadError: not a .mat file at all (empty, truncated, text); NotImplementedError: MATLAB v7.3 (HDF5)
+        raise ValueError(f"{path}: not a MatConvNet struct export with net.layers ({type(exc).__name__}: "
+                         f"{exc})") from None
     if len(layers) <= MATCONVNET_NETVLAD_LAYER:
         raise ValueError(f"{path}: {len(layers)} layers, a VGG16-NetVLAD export has at least 31")
     assignment = np.asarray(layers[MATCONVNET_NETVLAD_LAYER].weights[0], np.float32)        # D x K

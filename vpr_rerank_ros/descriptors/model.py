@@ -178,7 +178,7 @@ def prepare_image(rgb: np.ndarray, max_side: int) -> torch.Tensor:
     scale = max_side / max(h, w)
     if scale < 1.0:
         rgb = cv2.resize(rgb, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
-    return torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).float().div_(255.0)
+    return torch.from_numpy(np.require(rgb, requirements=["C", "W"])).permute(2, 0, 1).float().div_(255.0)
 
 
 DESCRIPTOR_FORMAT = "vpr_rerank_ros.descriptor"
