@@ -31,7 +31,12 @@ def test_replay_scores_a_drive(synthetic_map, tmp_path, capsys):
     assert errors[len(errors) // 2] < 25.0                        # median error with the offline descriptor
     assert sum(r["gps_used"] == "True" for r in rows) >= 8        # most frames had a fresh fix
     assert replay_main([str(bag), "--map", str(report.bundle.root), "--no-gps", "--top-k", "20"]) == 0
-    assert "GPS hint used 0" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "GPS hint used 0" in out and "calibration: " in out and "mean NEES" in out
+    # The temporal filter: every frame still scored, its own covariance calibrated, the same map positions.
+    assert replay_main([str(bag), "--map", str(report.bundle.root), "--no-gps", "--top-k", "20", "--filter"]) == 0
+    filtered = capsys.readouterr().out
+    assert "frames localised: 16 of 16" in filtered and "calibration: " in filtered
     assert replay_main([str(tmp_path / "nope"), "--map", str(report.bundle.root)]) == 1
     assert "no such bag" in capsys.readouterr().err
 

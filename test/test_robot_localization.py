@@ -1,6 +1,7 @@
 """config/robot_localization.yaml against what vpr_localizer publishes: the EKF reads the node's pose topic in the
 node's map frame as absolute x, y and yaw, and the published poses pass what robot_localization needs of a pose
-input (frame id = world_frame, a stamp, a symmetric positive-definite covariance without zero variances).
+input (frame id = world_frame, a stamp, a symmetric positive-definite covariance without zero variances), with
+and without the node's temporal filter.
 robot_localization itself does not exist on this machine (no ROS distribution), so the filter is not run."""
 from pathlib import Path
 
@@ -31,14 +32,16 @@ def test_the_ekf_takes_absolute_x_y_and_yaw_from_the_node_in_its_map_frame():
 
 
 @pytest.mark.ros
-def test_published_poses_satisfy_what_robot_localization_needs(synthetic_map, tmp_path):
+@pytest.mark.parametrize("filtered", [False, True], ids=["frames", "temporal_filter"])
+def test_published_poses_satisfy_what_robot_localization_needs(synthetic_map, tmp_path, filtered):
     from geometry_msgs.msg import PoseWithCovarianceStamped
     from rclpy.qos import qos_profile_sensor_data
     from sensor_msgs.msg import Image
 
     root, report = synthetic_map
     query, _ = load_city(root / "msls", "synth0")
-    params = write_params(tmp_path / "params.yaml", map_path=str(report.bundle.root), top_k=20, rate_hz=4.0)
+    params = write_params(tmp_path / "params.yaml", map_path=str(report.bundle.root), top_k=20, rate_hz=4.0,
+                          filter=filtered)
     with running_node(params, tmp_path) as (node, client):
         poses = client.collect(PoseWithCovarianceStamped, ekf()["pose0"], 10)
         images = client.node.create_publisher(Image, "/image", qos_profile_sensor_data)
