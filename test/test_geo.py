@@ -361,3 +361,11 @@ def test_overlap_graph_on_real_msls_geometry(shared_data):
     sample = pairs[np.random.default_rng(0).choice(len(pairs), 300, replace=False)]
     direct = fov_overlap(poses[sample[:, 0]], poses[sample[:, 1]], exact=True)
     assert np.abs(graph.matrix.toarray()[sample[:, 0], sample[:, 1]] - direct).max() <= 0.01
+
+
+def test_zones_can_be_given_as_text():
+    """latlon_to_utm(lat, lon, "33N") and utm_to_latlon(e, n, "33N") as the README writes them."""
+    e, n, zone = latlon_to_utm(55.70, 13.19, "33N")
+    assert zone == UtmZone(33) and np.allclose(utm_to_latlon(e, n, "33N"), (55.70, 13.19))
+    with pytest.raises(ValueError):
+        latlon_to_utm(55.70, 13.19, "99X")

@@ -83,6 +83,11 @@ def test_search_near_gps_hint(small_map):
     assert np.allclose(lat_lon_hint, hints[:1], atol=1e-3)
     with pytest.raises(ValueError, match="radius"):
         bundle.search(queries, k=5, hint_xy=hints)
+    # One hint for several queries applies to each (the README's example).
+    shared = bundle.search(queries, k=5, hint_xy=lat_lon_hint, radius=80.0)
+    assert shared.restricted.all() and np.array_equal(shared.ids[0], result.ids[0])
+    with pytest.raises(ValueError, match="2 hints for 3 queries"):
+        bundle.search(queries, k=5, hint_xy=hints[:2], radius=80.0)
 
 
 def test_search_rejects_bad_queries(small_map):

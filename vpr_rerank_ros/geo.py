@@ -82,14 +82,21 @@ def _finite_latlon(lat, lon) -> tuple[np.ndarray, np.ndarray]:
     return lat, lon
 
 
-def latlon_to_utm(lat, lon, zone: UtmZone | None = None) -> tuple[np.ndarray, np.ndarray, UtmZone]:
-    """Project WGS84 points into one UTM zone; returns (easting, northing, zone).
+def as_zone(zone: UtmZone | str) -> UtmZone:
+    """A UtmZone, or one parsed from its text (e.g. "33N", "56S")."""
+    return zone if isinstance(zone, UtmZone) else UtmZone.parse(zone)
+
+
+def latlon_to_utm(lat, lon, zone: UtmZone | str | None = None) -> tuple[np.ndarray, np.ndarray, UtmZone]:
+    """Project WGS84 points into one UTM zone (a UtmZone or its text, e.g. "33N"); returns (easting, northing,
+    zone).
 
     Without `zone`, the zone of the points' mean position is used for all of them, so that a set of
     points straddling a zone border stays in one metric frame (UTM stays accurate a few degrees past
     its zone's edges).
     """
     lat, lon = _finite_latlon(lat, lon)
+    zone = None if zone is None else as_zone(zone)
     if zone is None:
         if lat.size == 0:
             raise ValueError("cannot choose a UTM zone for an empty set of points")
@@ -99,8 +106,9 @@ def latlon_to_utm(lat, lon, zone: UtmZone | None = None) -> tuple[np.ndarray, np
     return np.asarray(easting, dtype=np.float64), np.asarray(northing, dtype=np.float64), zone
 
 
-def utm_to_latlon(easting, northing, zone: UtmZone) -> tuple[np.ndarray, np.ndarray]:
-    """Inverse of `latlon_to_utm` for a known zone; returns (lat, lon) in degrees."""
+def utm_to_latlon(easting, northing, zone: UtmZone | str) -> tuple[np.ndarray, np.ndarray]:
+    """Inverse of `latlon_to_utm` for a known zone (a UtmZone or its text); returns (lat, lon) in degrees."""
+    zone = as_zone(zone)
     easting, northing = np.broadcast_arrays(np.asarray(easting, np.float64), np.asarray(northing, np.float64))
     if not (np.all(np.isfinite(easting)) and np.all(np.isfinite(northing))):
         raise ValueError("easting/northing contain NaN or inf")

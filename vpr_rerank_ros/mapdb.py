@@ -470,7 +470,8 @@ class MapBundle:
                radius: float | None = None) -> SearchResult:
         """Top-k map images by inner product for (B, D) L2-normalised query descriptors.
 
-        With `hint_xy` ((B, 2) easting/northing in the map's zone; NaN rows = no hint) and `radius`
+        With `hint_xy` ((B, 2) easting/northing in the map's zone, or one (2,) / (1, 2) hint for every query;
+        NaN rows = no hint) and `radius`
         (metres), each hinted query is scored exactly against the map images within the radius only;
         when none lies there it falls back to the whole map and `fallback` says so. An approximate ('ivfpq')
         index proposes `rescore` candidates per query, which are scored exactly: scores are always inner products.
@@ -489,6 +490,8 @@ class MapBundle:
         fallback = np.zeros(b, dtype=bool)
         if hint_xy is not None:
             hint_xy = np.asarray(hint_xy, dtype=np.float64).reshape(-1, 2)
+            if len(hint_xy) == 1:
+                hint_xy = np.repeat(hint_xy, b, axis=0)
             if len(hint_xy) != b:
                 raise ValueError(f"{len(hint_xy)} hints for {b} queries")
             if radius is None or not (np.isfinite(radius) and radius > 0):
