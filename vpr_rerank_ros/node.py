@@ -68,7 +68,8 @@ PARAMETERS = {  # name: (default, description); every one is documented in confi
     "reranker_params": ("{}", "re-ranker parameters as a YAML mapping, e.g. '{P: 1, beta: 0.6}'"),
     "top_k": (100, "candidates retrieved and re-ranked per frame"),
     "pose_matches": (5, "top re-ranked matches that form the pose estimate"),
-    "compressed": (False, "subscribe to image/compressed (CompressedImage) instead of image (Image)"),
+    "compressed": (False, "subscribe to <image>/compressed (CompressedImage, image_transport's naming) instead "
+                          "of image (Image)"),
     "map_frame": ("map", "frame_id of ~/pose and ~/matches (~/fix carries the camera image's)"),
     "output": ("enu", "pose coordinates: 'enu' (metres from datum) or 'utm' (the map's zone)"),
     "datum_lat": (float("nan"), "ENU datum latitude; NaN = the map's centre"),
@@ -198,7 +199,7 @@ class LocalizerNode(Node):
         self.stats = {**dict.fromkeys(COUNTERS, 0), "last_latency": {}, "gps": "no frame yet",
                       "heading": "no frame yet"}
         self._rate_base = (time.monotonic(), 0, 0)   # (time, received, processed) at the last diagnostics
-        image_type, topic = (CompressedImage, "image/compressed") if self.p["compressed"] else (Image, "image")
+        image_type, topic = self._image_topic()
         try:
             self.create_subscription(image_type, topic, self._on_image, qos_profile_sensor_data,
                                      event_callbacks=SubscriptionEventCallbacks(message_lost=self._on_lost))
@@ -398,6 +399,17 @@ class LocalizerNode(Node):
             self.stats["last_latency"] = {**result.timings, "total": time.perf_counter() - start}
             self.stats["gps"] = result.gps_note if hint is not None else gps_note
             self.stats["heading"] = heading_note
+
+    def _image_topic(self) -> tuple[type, str]:
+        """The camera subscription, by image_transport's naming: `image`, or with `compressed` its sibling
+        `<image>/compressed`, so that remapping `image:=/camera/image_raw` reaches /camera/image_raw/compressed;
+        a remapping of `image/compressed` itself wins."""
+        if not self.p["compressed"]:
+            return Image, "image"
+        explicit = self.resolve_topic_name("image/compressed")
+        if explicit != self.resolve_topic_name("image/compressed", only_expand=True):
+            return CompressedImage, explicit
+        return CompressedImage, self.resolve_topic_name("image") + "/compressed"
 
     def _heading_hint(self, heading: tuple[float, float] | None, stamp: float) -> tuple[float | None, str]:
         """The compass heading hint for a frame stamped `stamp` (None when there is none), and why."""
