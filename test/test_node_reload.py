@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from node_harness import diagnostics_values, image_msg, running_node, write_params
+from node_harness import NodeProcess, diagnostics_values, image_msg, running_node, write_params
 
 from vpr_rerank_ros.datasets.msls import load_city
 from vpr_rerank_ros.frames import DIAGNOSTICS_PERIOD_S
@@ -162,6 +162,9 @@ def test_reranker_changes_at_run_time(synthetic_map, tmp_path):
         asked = time.monotonic()
         camera.run_until(lambda: camera.reported_since(asked))
         assert in_use() == "superglobal"
+        # Another re-ranker alone takes its own defaults, not SuperGlobal's P and beta.
+        back = client.set_parameters(node, reranker="none")
+        camera.run_until(lambda: in_use() == "none")
     assert changed.successful, changed.reason
     reasons = {what: result.reason for what, result in refused.items() if not result.successful}
     assert set(reasons) == set(refused), reasons
@@ -173,3 +176,16 @@ def test_reranker_changes_at_run_time(synthetic_map, tmp_path):
     assert "top_k out of range" in reasons["range"]
     assert "need pose_matches <= top_k" in reasons["pose_matches"]
     assert "re-ranker superglobal swapped in" in node.log()
+    assert back.successful, back.reason
+    assert "parameters changed: reranker='none', reranker_params='{}'" in node.log()
+    assert "parameter change refused: unknown re-ranker 'nope'" in node.log()
+
+
+def test_a_learned_model_needing_more_candidates_than_top_k_is_refused_at_start(synthetic_map, tmp_path):
+    bundle = synthetic_map[1].bundle
+    small = f"{{dim: {bundle.dim}, K: 30, L: 10, width: 32, heads: 2, mlp: 64}}"
+    params = write_params(tmp_path / "params.yaml", map_path=str(bundle.root), top_k=20, reranker="gnn",
+                          reranker_params=small, allow_untrained=True)
+    node = NodeProcess(params, tmp_path)
+    assert node.process.wait(timeout=120) == 1
+    assert "the gnn model re-ranks K = 30 candidates, but top_k is 20" in node.log()

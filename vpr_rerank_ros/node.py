@@ -37,6 +37,7 @@ from rclpy.event_handler import SubscriptionEventCallbacks, UnsupportedEventType
 from rclpy.exceptions import InvalidParameterTypeException, ParameterException
 from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.node import Node
+from rclpy.parameter import Parameter
 from rclpy.qos import qos_profile_sensor_data
 from rclpy.task import Future
 from rclpy.utilities import remove_ros_args
@@ -184,6 +185,7 @@ class LocalizerNode(Node):
         # rclpy throttles each place that logs separately, on this clock (its default is the system clock)
         self.throttled = {"throttle_duration_sec": WARN_PERIOD_S, "throttle_time_source_type": steady}
         self.localizer, self.enu = self._load_localizer()
+        self._check_candidates(self.localizer.reranker, self.p["top_k"])
         self.tracker = PoseFilter() if self.p["filter"] else None
         self.conversion, self.decode = image_decoder()
         self.lock = threading.Lock()
@@ -529,7 +531,9 @@ class LocalizerNode(Node):
         """Check a run-time change (rclpy has refused read-only parameters and values out of range) and queue it
         on the reconfiguration thread. A new re-ranker is built and checked against the map here (for a learned
         one that loads its weights), so a bad name, parameter or model is refused with the reason."""
-        changed = {p.name: p.value for p in params if p.name in PARAMETERS}
+        changed = {p.name: p.value for p in params if p.name in PARAMETERS and p.value != self.p[p.name]}
+        if "reranker" in changed and "reranker_params" not in changed:
+            changed["reranker_params"] = "{}"    # another re-ranker alone: its own defaults, not the old one's
         new = {**self.p, **changed}
         reranker = None
         try:
@@ -538,14 +542,29 @@ class LocalizerNode(Node):
                 reranker = build_reranker(new["reranker"], **reranker_params(new["reranker_params"]))
                 self.localizer.bundle.check_reranker(reranker)
                 self._check_trained(reranker)
+            if changed.keys() & {"reranker", "reranker_params", "top_k"}:
+                self._check_candidates(reranker or self.localizer.reranker, new["top_k"])
         except ValueError as exc:
+            self.get_logger().warning(f"parameter change refused: {exc}")
             return SetParametersResult(successful=False, reason=str(exc))
         self.p = new
+        if changed:
+            self.get_logger().info("parameters changed: " + ", ".join(f"{k}={v!r}" for k, v in changed.items()))
+        if "reranker_params" in changed and not any(p.name == "reranker_params" for p in params):
+            # Shown by `ros2 param get` too; the callback sees no change then, so nothing is rebuilt twice.
+            self.jobs.submit(self.set_parameters, [Parameter("reranker_params", value="{}")])
         if reranker is not None:
             self.jobs.submit(self._swap_reranker, reranker)
         if changed.keys() & {"top_k", "pose_matches"}:
             self.jobs.submit(self._apply_settings)
         return SetParametersResult(successful=True)
+
+    def _check_candidates(self, reranker: Reranker, top_k: int) -> None:
+        """Refuse a learned re-ranker that needs more candidates than top_k retrieves (it could never run)."""
+        needed = getattr(getattr(reranker, "config", None), "K", None)
+        if needed is not None and needed > min(top_k, len(self.localizer.bundle)):
+            raise ValueError(f"the {reranker.name} model re-ranks K = {needed} candidates, but top_k is {top_k} "
+                             f"(and the map has {len(self.localizer.bundle)} images): raise top_k first")
 
     def _swap_reranker(self, reranker: Reranker) -> None:
         """Reconfiguration thread: prepare `reranker` (slow for learned ones) beside the pipeline, then swap it in
