@@ -151,3 +151,29 @@ def test_hint_from_fix():
     assert hint_from_fix(fix(status=-1)) is None                      # NO_FIX
     assert hint_from_fix(fix(lat=float("nan"))) is None
     assert hint_from_fix(fix(lat=91.0)) is None and hint_from_fix(fix(lon=-180.5)) is None
+
+
+def test_the_camera_pose_becomes_the_vehicle_pose():
+    """Localization.of_vehicle: a camera 2 m forward of a north-facing vehicle puts it 2 m south of the camera;
+    1 m left of an east-facing one, 1 m south; a camera looking left (yaw 90) that faces north means the vehicle
+    faces east. lat/lon follow; the covariance is the camera's."""
+    import math
+
+    from vpr_rerank_ros.geo import UtmZone, latlon_to_utm
+    from vpr_rerank_ros.localizer import Localization
+
+    zone = UtmZone(33)
+
+    def at(heading):
+        return Localization([], 386000.0, 6174000.0, heading, 55.7, 13.2, np.eye(2) * 4.0, 25.0, 1.0, False, False,
+                            "", 1.0)
+
+    north = at(0.0).of_vehicle(2.0, 0.0, 0.0, zone)
+    assert math.isclose(north.easting, 386000.0, abs_tol=1e-9) and math.isclose(north.northing, 6173998.0)
+    east = at(90.0).of_vehicle(0.0, 1.0, 0.0, zone)
+    assert math.isclose(east.easting, 386000.0, abs_tol=1e-9) and math.isclose(east.northing, 6173999.0)
+    turned = at(0.0).of_vehicle(0.0, 0.0, 90.0, zone)
+    assert turned.heading == 90.0 and (turned.easting, turned.northing) == (386000.0, 6174000.0)
+    e, n, _ = latlon_to_utm(north.lat, north.lon, zone)
+    assert math.isclose(float(e), north.easting, abs_tol=1e-6) and math.isclose(float(n), north.northing, abs_tol=1e-6)
+    assert np.array_equal(north.position_covariance, np.eye(2) * 4.0)

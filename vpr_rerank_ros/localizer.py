@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
 
 from .descriptors.extract import DescriptorExtractor, pick_device
 from .descriptors.model import GlobalDescriptor
-from .geo import compass_to_grid, heading_difference, utm_to_latlon
+from .geo import UtmZone, compass_to_grid, heading_difference, utm_to_latlon
 from .mapdb import MapBundle
 from .rerank import Reranker, build_reranker, rerank_inputs, rerank_order
 
@@ -73,6 +73,17 @@ class Localization:
     gps_note: str
     stamp: float | None
     timings: dict = field(default_factory=dict)   # seconds per stage
+
+    def of_vehicle(self, forward_m: float, left_m: float, camera_yaw_deg: float, zone: UtmZone) -> "Localization":
+        """This camera pose as the pose of the vehicle that carries the camera at (`forward_m`, `left_m`) in its body
+        frame (REP-103: x forward, y left), its optical axis at `camera_yaw_deg` counter-clockwise from x; lat/lon
+        follow in the map's `zone`. The covariance is the camera's (the offset is rigid)."""
+        heading = (self.heading + camera_yaw_deg) % 360.0           # the vehicle's grid heading
+        h = math.radians(heading)
+        east = self.easting - (forward_m * math.sin(h) - left_m * math.cos(h))
+        north = self.northing - (forward_m * math.cos(h) + left_m * math.sin(h))
+        lat, lon = utm_to_latlon(east, north, zone)
+        return replace(self, easting=east, northing=north, heading=heading, lat=float(lat), lon=float(lon))
 
 
 def hint_from_fix(fix, default_sigma_m: float = 10.0) -> tuple[float, float, float] | None:

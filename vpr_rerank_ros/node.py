@@ -90,8 +90,11 @@ PARAMETERS = {  # name: (default, description); every one is documented in confi
     "allow_untrained": (False, "run a learned re-ranker without trained weights (warned at every diagnostics period)"),
     "heading_source": ("none", "where the camera's heading comes from: none, imu (sensor_msgs/Imu on 'heading') or "
                                "odometry (nav_msgs/Odometry on 'heading'); the orientation must be relative to ENU"),
-    "camera_yaw_deg": (0.0, "yaw of the camera's optical axis in the orientation's body frame, counter-clockwise "
+    "camera_yaw_deg": (0.0, "yaw of the camera's optical axis in the vehicle's body frame, counter-clockwise "
                             "from its x axis (REP-103): 0 = looking forward, 90 = looking left"),
+    "camera_x_m": (0.0, "the camera's position in the vehicle's body frame, forward of its origin (metres): ~/pose "
+                        "is the vehicle's"),
+    "camera_y_m": (0.0, "the camera's position in the vehicle's body frame, left of its origin (metres)"),
     "heading_max_age_s": (HEADING_MAX_AGE_S, "headings further than this from the image stamp are ignored"),
 }
 HEADING_SOURCES = {"none": None, "imu": Imu, "odometry": Odometry}
@@ -100,7 +103,8 @@ TAKES = {bool: "true or false", int: "an integer", float: "a number with a decim
 RUN_TIME = ("reranker", "reranker_params", "top_k", "pose_matches", "publish_matches")   # the rest are read-only
 RANGES = {"top_k": (1, INT_MAX), "pose_matches": (1, INT_MAX), "rate_hz": (POSITIVE, math.inf),
           "gps_max_age_s": (0.0, math.inf), "gps_radius_m": (POSITIVE, math.inf),
-          "heading_max_age_s": (0.0, math.inf), "camera_yaw_deg": (-360.0, 360.0)}
+          "heading_max_age_s": (0.0, math.inf), "camera_yaw_deg": (-360.0, 360.0),
+          "camera_x_m": (-100.0, 100.0), "camera_y_m": (-100.0, 100.0)}
 
 
 def parameter_descriptor(name: str) -> ParameterDescriptor:
@@ -390,11 +394,12 @@ class LocalizerNode(Node):
             self.get_logger().warning(f"skipping frame: {type(exc).__name__} while localising: {exc}",
                                       **self.throttled)
             return
-        rejected = False
+        zone, rejected = self.localizer.bundle.table.zone, False
+        vehicle = result.of_vehicle(self.p["camera_x_m"], self.p["camera_y_m"], self.p["camera_yaw_deg"], zone)
         if self.tracker is not None:
-            result, filtered = track(self.tracker, result, self.localizer.bundle.table.zone)
+            vehicle, filtered = track(self.tracker, vehicle, zone)
             rejected = not filtered.accepted
-        self._publish(msg.header, result)
+        self._publish(msg.header, vehicle, result)
         with self.lock:
             self.stats["processed"] += 1
             self.stats["filter_rejected"] += rejected
@@ -423,8 +428,9 @@ class LocalizerNode(Node):
             return None, f"newest heading is {abs(stamp - heading[1]):.2f} s from the image stamp: not used"
         return heading[0], f"{heading[0]:.1f} deg (compass) from {self.p['heading_source']}"
 
-    def _publish(self, header, result) -> None:
-        """~/pose in the map frame; ~/fix in the camera's frame (the position estimated is the camera's)."""
+    def _publish(self, header, result, camera) -> None:
+        """~/pose: the vehicle's pose `result` in the map frame; ~/fix: this frame's `camera` position in the
+        camera's frame (a consumer with TF applies the camera's offset itself)."""
         stamp, table = header.stamp, self.localizer.bundle.table
         pose = PoseWithCovarianceStamped()
         pose.header.stamp, pose.header.frame_id = stamp, self.p["map_frame"]
@@ -445,9 +451,9 @@ class LocalizerNode(Node):
         fix = NavSatFix()
         fix.header.stamp, fix.header.frame_id = stamp, header.frame_id or CAMERA_FRAME
         fix.status.status, fix.status.service = NavSatStatus.STATUS_FIX, NavSatStatus.SERVICE_GPS
-        fix.latitude, fix.longitude, fix.altitude = result.lat, result.lon, float("nan")
+        fix.latitude, fix.longitude, fix.altitude = camera.lat, camera.lon, float("nan")
         enu_cov = np.zeros((3, 3))
-        enu_cov[:2, :2] = result.position_covariance
+        enu_cov[:2, :2] = camera.position_covariance
         enu_cov[2, 2] = LARGE_VARIANCE
         fix.position_covariance = enu_cov.reshape(-1).tolist()
         fix.position_covariance_type = NavSatFix.COVARIANCE_TYPE_KNOWN
