@@ -20,12 +20,13 @@ else
 fi
 STAMP="measured $(date -u +%Y-%m-%d) on ${WHERE:-an unknown machine}, $(nproc) CPU cores"
 
-run() {  # run NAME TIMEOUT ARGS...: one benchmark, its output saved after the stamp
+run() {  # run NAME TIMEOUT ARGS...: one benchmark, its output saved after the stamp; a failure says so there
     local name=$1 limit=$2
     shift 2
     [ "$ONLY" = "  " ] || [[ "$ONLY" == *" $name "* ]] || return 0
-    { echo "$STAMP"; timeout "$limit" $PY "benchmarks/$name.py" "$@" 2>&1 | grep -v -E '^WARNING|it/s\]|chunk/s\]'; } \
-        | tee "$RESULTS/$MACHINE-$name.txt"
+    { echo "$STAMP"; timeout "$limit" $PY "benchmarks/$name.py" "$@" 2>&1; rc=$?
+      [ $rc = 0 ] || echo "FAILED: exit status $rc (124: stopped after $limit s)"; } \
+        | grep -v -E '^WARNING|it/s\]|chunk/s\]' | tee "$RESULTS/$MACHINE-$name.txt"
 }
 
 if [ "$MACHINE" = gpu ]; then

@@ -284,7 +284,7 @@ def test_overlap_rejects_bad_input():
         fov_overlap([0, 0, 0], [0, 0, 0], fov_deg=200.0)
     with pytest.raises(ValueError, match="radius"):
         fov_overlap([0, 0, 0], [0, 0, 0], radius=0.0)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="broadcast"):
         fov_overlap(np.zeros((3, 3)), np.zeros((2, 3)))
 
 

@@ -30,13 +30,19 @@ def test_replay_scores_a_drive(synthetic_map, tmp_path, capsys):
     errors = sorted(float(r["error_m"]) for r in rows)
     assert errors[len(errors) // 2] < 25.0                        # median error with the offline descriptor
     assert sum(r["gps_used"] == "True" for r in rows) >= 8        # most frames had a fresh fix
-    assert replay_main([str(bag), "--map", str(report.bundle.root), "--no-gps", "--top-k", "20"]) == 0
+    frames_csv, filtered_csv = tmp_path / "frames.csv", tmp_path / "filtered.csv"
+    assert replay_main([str(bag), "--map", str(report.bundle.root), "--no-gps", "--top-k", "20",
+                        "--csv", str(frames_csv)]) == 0
     out = capsys.readouterr().out
     assert "GPS hint used 0" in out and "calibration: " in out and "mean NEES" in out
-    # The temporal filter: every frame still scored, its own covariance calibrated, the same map positions.
-    assert replay_main([str(bag), "--map", str(report.bundle.root), "--no-gps", "--top-k", "20", "--filter"]) == 0
+    # The temporal filter: every frame still scored, with its own estimates (the first one is the frame's own).
+    assert replay_main([str(bag), "--map", str(report.bundle.root), "--no-gps", "--top-k", "20", "--filter",
+                        "--csv", str(filtered_csv)]) == 0
     filtered = capsys.readouterr().out
     assert "frames localised: 16 of 16" in filtered and "calibration: " in filtered
+    plain, smoothed = (list(csv.DictReader(open(path))) for path in (frames_csv, filtered_csv))
+    assert plain[0]["easting"] == smoothed[0]["easting"]
+    assert any(p["easting"] != s["easting"] for p, s in zip(plain[1:], smoothed[1:]))
     assert replay_main([str(tmp_path / "nope"), "--map", str(report.bundle.root)]) == 1
     assert "no such bag" in capsys.readouterr().err
 

@@ -58,3 +58,4 @@ def test_published_poses_satisfy_what_robot_localization_needs(synthetic_map, tm
         assert np.linalg.eigvalsh(cov).min() > 0                                   # positive definite
         q = pose.pose.pose.orientation
         assert abs(q.x * q.x + q.y * q.y + q.z * q.z + q.w * q.w - 1.0) < 1e-9     # a unit quaternion
+    assert f"temporal filter {'on' if filtered else 'off'}" in node.log()

@@ -126,7 +126,7 @@ def _map_info(args) -> int:
 
 def _model_options(parser: argparse.ArgumentParser, weights_help: str) -> None:
     parser.add_argument("--model", help=weights_help)
-    parser.add_argument("--device", default="auto", help="cuda, cpu or auto (default)")
+    parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
     parser.add_argument("--fp16", action="store_true", help="float16 autocast on CUDA (ignored on the CPU)")
     parser.add_argument("--batch-size", type=int, default=8, help="images per batch (default 8)")
     parser.add_argument("--workers", type=int, default=0, help="image loading processes (default 0)")
@@ -433,7 +433,7 @@ def replay_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--filter", action="store_true",
                         help="fuse consecutive estimates with the temporal filter (tracking.PoseFilter; the node's "
                              "`filter: true`) and score its output")
-    parser.add_argument("--device", default="auto", help="cuda, cpu or auto (default)")
+    parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
     parser.add_argument("--csv", help="write one row per frame (estimate, truth, error)")
     live = parser.add_argument_group("live replay (--live)")
     live.add_argument("--live", action="store_true",
@@ -573,7 +573,7 @@ def train_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", help="descriptor weights for the queries, for maps that do not store their model")
     parser.add_argument("--descriptors", help="HDF5 of precomputed query descriptors of all cities (keys, "
                                               "descriptors) instead of describing the query images")
-    parser.add_argument("--device", default="auto", help="cuda, cpu or auto (default)")
+    parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
     parser.add_argument("--allow-worse", action="store_true",
                         help="keep a best epoch even when it scores below the retrieval order on validation")
     args = parser.parse_args(argv)

@@ -79,11 +79,22 @@ class Localization:
         frame (REP-103: x forward, y left), its optical axis at `camera_yaw_deg` counter-clockwise from x; lat/lon
         follow in the map's `zone`. The covariance is the camera's (the offset is rigid)."""
         heading = (self.heading + camera_yaw_deg) % 360.0           # the vehicle's grid heading
+        if forward_m == left_m == 0:
+            return replace(self, heading=heading)                      # same place: no projection per frame
         h = math.radians(heading)
         east = self.easting - (forward_m * math.sin(h) - left_m * math.cos(h))
         north = self.northing - (forward_m * math.cos(h) + left_m * math.sin(h))
         lat, lon = utm_to_latlon(east, north, zone)
         return replace(self, easting=east, northing=north, heading=heading, lat=float(lat), lon=float(lon))
+
+
+def check_candidates(reranker: Reranker, top_k: int, map_size: int) -> None:
+    """Refuse a learned re-ranker that needs more candidates than `top_k` retrieves from a map of `map_size` images:
+    it could never run."""
+    needed = getattr(getattr(reranker, "config", None), "K", None)
+    if needed is not None and needed > min(top_k, map_size):
+        raise ValueError(f"the {reranker.name} model re-ranks K = {needed} candidates, but top_k is {top_k} "
+                         f"(and the map has {map_size} images): raise top_k first")
 
 
 def hint_from_fix(fix, default_sigma_m: float = 10.0) -> tuple[float, float, float] | None:
@@ -120,6 +131,7 @@ class Localizer:
         (slow for learned models): safe to run beside `localize`, then swap in with `use_reranker`."""
         reranker = build_reranker(reranker, **params) if isinstance(reranker, str) else reranker
         self.bundle.check_reranker(reranker)
+        check_candidates(reranker, self.settings.top_k, len(self.bundle))
         reranker = reranker.to(self.device).eval()
         reranker.attach_map(self.bundle.descriptors)
         return reranker

@@ -79,7 +79,7 @@ def build_map(out: str | Path, images: ImageSet, model: GlobalDescriptor | None 
         with DescriptorStore(store_path, model.identity, model.output_dim) as store:
             failed = DescriptorExtractor(model, device, batch_size, fp16=fp16, workers=workers).describe_files(
                 images.items, progress=progress, store=store).failed
-            keys = [k.decode() if isinstance(k, bytes) else k for k in store.file["keys"][:]]
+            keys = store.ordered_keys()
             bundle = _write(out, images, keys, store.file["descriptors"], model, stored, index, dtype, overwrite,
                             progress, attachments)
             warnings = _offline_warnings(model, len(keys)) if stored else []

@@ -474,7 +474,8 @@ class MapBundle:
         NaN rows = no hint) and `radius`
         (metres), each hinted query is scored exactly against the map images within the radius only;
         when none lies there it falls back to the whole map and `fallback` says so. An approximate ('ivfpq')
-        index proposes `rescore` candidates per query, which are scored exactly: scores are always inner products.
+        index (or the float16 GPU search) proposes `rescore` candidates per query, which are scored exactly:
+        scores are always inner products.
         """
         queries = np.ascontiguousarray(np.atleast_2d(np.asarray(queries, dtype=np.float32)))
         if queries.ndim != 2 or queries.shape[1] != self.dim:
@@ -507,7 +508,7 @@ class MapBundle:
                 ids[q, :top.size], scores[q, :top.size] = near[top], s
         whole = np.flatnonzero(~restricted)
         if whole.size:
-            approximate = self.meta.index.kind == "ivfpq" and not isinstance(self.index, TorchFlatIndex)
+            approximate = self.meta.index.kind == "ivfpq" or isinstance(self.index, TorchFlatIndex)
             depth = min(max(k, self.meta.index.rescore) if approximate else k, len(self))
             s, i = self.index.search(queries[whole], depth)
             if approximate:
@@ -529,8 +530,9 @@ def _top_exact(rows: np.ndarray, query: np.ndarray, k: int) -> tuple[np.ndarray,
 
 
 class TorchFlatIndex:
-    """Exact inner-product search in torch over the descriptors held on a CUDA device: the GPU search where
-    faiss has no GPU support (e.g. pip's faiss-cpu beside a CUDA build of torch). faiss's `search` interface."""
+    """Brute-force inner-product search in torch over float16 copies of the descriptors on a CUDA device: the GPU
+    search where faiss has no GPU support (e.g. pip's faiss-cpu beside a CUDA build of torch). float16 can swap
+    near ties, so `search` re-scores its short list exactly, as for 'ivfpq'. faiss's `search` interface."""
 
     def __init__(self, descriptors: np.ndarray, device: torch.device, chunk: int = 65536) -> None:
         n, self.d = descriptors.shape

@@ -50,7 +50,7 @@ from .descriptors.extract import pick_device
 from .frames import COUNTERS, DIAGNOSTICS_PERIOD_S, GPS_MAX_AGE_S, HEADING_MAX_AGE_S, STATUS_NAME, fresh_fix
 from .geo import EnuFrame, heading_to_yaw, meridian_convergence_deg, quaternion_yaw, yaw_to_heading
 from .images import ImageError, decode_image_message
-from .localizer import Localizer, LocalizerSettings, hint_from_fix
+from .localizer import Localizer, LocalizerSettings, check_candidates, hint_from_fix
 from .tracking import PoseFilter, track
 from .mapbuild import map_model
 from .mapdb import MapBundle, MapError
@@ -78,7 +78,7 @@ PARAMETERS = {  # name: (default, description); every one is documented in confi
     "gps_max_age_s": (GPS_MAX_AGE_S, "GPS fixes further than this from the image stamp (either way) are ignored"),
     "gps_radius_m": (50.0, "search radius around a GPS hint, plus 3 sigma of the fix"),
     "rate_hz": (10.0, "how often the newest frame is processed, at most"),
-    "device": ("auto", "cuda, cpu or auto"),
+    "device": ("auto", "auto, cpu, cuda or cuda:N"),
     "filter": (False, "fuse consecutive estimates with the temporal filter (constant velocity, Mahalanobis gating, "
                       "restart after repeated rejections) and publish its position and covariance"),
     "fp16": (False, "float16 autocast for the descriptor on CUDA (backend torch); ignored on the CPU"),
@@ -189,7 +189,6 @@ class LocalizerNode(Node):
         # rclpy throttles each place that logs separately, on this clock (its default is the system clock)
         self.throttled = {"throttle_duration_sec": WARN_PERIOD_S, "throttle_time_source_type": steady}
         self.localizer, self.enu = self._load_localizer()
-        self._check_candidates(self.localizer.reranker, self.p["top_k"])
         self.tracker = PoseFilter() if self.p["filter"] else None
         self.conversion, self.decode = image_decoder()
         self.lock = threading.Lock()
@@ -227,7 +226,7 @@ class LocalizerNode(Node):
         self.get_logger().info(f"localising against {len(self.localizer.bundle)} map images with "
                                f"{self.p['reranker']} on {self.localizer.device}, descriptor with "
                                f"{self.p['backend']}; images converted with "
-                               f"{self.conversion}")
+                               f"{self.conversion}; temporal filter {'on' if self.tracker else 'off'}")
 
     # ------------------------------------------------------------------ set-up
 
@@ -549,7 +548,7 @@ class LocalizerNode(Node):
                 self.localizer.bundle.check_reranker(reranker)
                 self._check_trained(reranker)
             if changed.keys() & {"reranker", "reranker_params", "top_k"}:
-                self._check_candidates(reranker or self.localizer.reranker, new["top_k"])
+                check_candidates(reranker or self.localizer.reranker, new["top_k"], len(self.localizer.bundle))
         except ValueError as exc:
             self.get_logger().warning(f"parameter change refused: {exc}")
             return SetParametersResult(successful=False, reason=str(exc))
@@ -559,18 +558,11 @@ class LocalizerNode(Node):
         if "reranker_params" in changed and not any(p.name == "reranker_params" for p in params):
             # Shown by `ros2 param get` too; the callback sees no change then, so nothing is rebuilt twice.
             self.jobs.submit(self.set_parameters, [Parameter("reranker_params", value="{}")])
+        if changed.keys() & {"top_k", "pose_matches"}:          # first: the new re-ranker is checked against them
+            self.jobs.submit(self._apply_settings)
         if reranker is not None:
             self.jobs.submit(self._swap_reranker, reranker)
-        if changed.keys() & {"top_k", "pose_matches"}:
-            self.jobs.submit(self._apply_settings)
         return SetParametersResult(successful=True)
-
-    def _check_candidates(self, reranker: Reranker, top_k: int) -> None:
-        """Refuse a learned re-ranker that needs more candidates than top_k retrieves (it could never run)."""
-        needed = getattr(getattr(reranker, "config", None), "K", None)
-        if needed is not None and needed > min(top_k, len(self.localizer.bundle)):
-            raise ValueError(f"the {reranker.name} model re-ranks K = {needed} candidates, but top_k is {top_k} "
-                             f"(and the map has {len(self.localizer.bundle)} images): raise top_k first")
 
     def _swap_reranker(self, reranker: Reranker) -> None:
         """Reconfiguration thread: prepare `reranker` (slow for learned ones) beside the pipeline, then swap it in

@@ -4,6 +4,7 @@ mAP@10, and the thesis's two-step schedule (FC1 alone, then the GNN with FC1 fro
 from __future__ import annotations
 
 import csv
+import math
 import os
 import shutil
 import time
@@ -283,7 +284,10 @@ def _keep_best(out: Path, rows_log: list[dict], baseline: float, allow_worse: bo
     candidate) to best.safetensors (atomically), unless it is worse than the retrieval order and that is not
     allowed."""
     _write_log(out / "log.csv", rows_log)
-    chosen = max(rows_log[1:], key=lambda row: row["val_map@10"])
+    scored = [row for row in rows_log[1:] if math.isfinite(row["val_map@10"])]
+    if not scored:
+        raise ValueError(f"no epoch has a finite validation mAP@10; best.safetensors not written (see {out / 'log.csv'})")
+    chosen = max(scored, key=lambda row: row["val_map@10"])
     best, best_map = out / f"epoch_{chosen['epoch']:02d}.safetensors", chosen["val_map@10"]
     if best_map < baseline and not allow_worse:
         raise ValueError(f"no epoch beat the retrieval order on validation (best {best.name}: mAP@10 "

@@ -100,8 +100,8 @@ class DescriptorExtractor:
                        store: "DescriptorStore | None" = None, head: Callable | None = None,
                        label: str = "describe") -> Extraction:
         """Descriptors of (key, path) items. With a `store`, keys it already holds are skipped and new
-        descriptors are appended to it as they come (so an interrupted run resumes); `label` names the
-        progress bar."""
+        descriptors go to it as they come (so an interrupted run resumes), not into the result, whose
+        `descriptors` stay empty: memory does not grow with the number of images. `label` names the progress bar."""
         from tqdm import tqdm
 
         done = store.keys() if store is not None else set()
@@ -116,9 +116,10 @@ class DescriptorExtractor:
             for keys, batch in _same_size_batches(group, self.batch_size):
                 desc = self.run(batch, head)
                 result.keys.extend(keys)
-                chunks.append(desc)
                 if store is not None:
                     store.append(keys, desc)
+                else:
+                    chunks.append(desc)
 
         for key, tensor, error in tqdm(loader, total=len(todo), disable=not progress, unit="img", desc=label):
             if error is not None:
@@ -130,7 +131,7 @@ class DescriptorExtractor:
                 flush(pending)
                 pending = []
         flush(pending)
-        dim = chunks[0].shape[1] if chunks else (self.model.output_dim if head is None else 0)
+        dim = chunks[0].shape[1] if chunks else (self.model.output_dim if head is None or store else 0)
         result.descriptors = np.concatenate(chunks) if chunks else np.zeros((0, dim), np.float32)
         return result
 
@@ -163,8 +164,12 @@ class DescriptorStore:
             self.file.create_dataset("descriptors", (0, dim), maxshape=(None, dim), dtype=dtype, chunks=(64, dim))
             self.file.create_dataset("keys", (0,), maxshape=(None,), dtype=h5py.string_dtype(), chunks=(1024,))
 
+    def ordered_keys(self) -> list[str]:
+        """The keys in the order their rows were appended."""
+        return [k.decode() if isinstance(k, bytes) else k for k in self.file["keys"][:]]
+
     def keys(self) -> set[str]:
-        return {k.decode() if isinstance(k, bytes) else k for k in self.file["keys"][:]}
+        return set(self.ordered_keys())
 
     def append(self, keys: Sequence[str], descriptors: np.ndarray) -> None:
         n = self.file["keys"].shape[0]
@@ -175,8 +180,7 @@ class DescriptorStore:
         self.file.flush()
 
     def read(self) -> tuple[list[str], np.ndarray]:
-        keys = [k.decode() if isinstance(k, bytes) else k for k in self.file["keys"][:]]
-        return keys, self.file["descriptors"][:].astype(np.float32)
+        return self.ordered_keys(), self.file["descriptors"][:].astype(np.float32)
 
     def close(self) -> None:
         self.file.close()
