@@ -11,7 +11,7 @@ PKG_STAMP  := $(VENV)/.package-installed
 GPU ?= $(shell nvidia-smi >/dev/null 2>&1 && echo 1 || echo 0)
 DEPS_STAMP := $(VENV)/.deps-installed-gpu$(GPU)
 PKG_SOURCES := setup.py setup.cfg package.xml resource/vpr_rerank_ros \
-               $(shell find vpr_rerank_ros launch config -type f -name '*.py' -o -type f -name '*.yaml' 2>/dev/null)
+               $(shell find vpr_rerank_ros launch config -type f -name "*.py" -o -type f -name "*.yaml" -o -type f -name "*.xml" 2>/dev/null)
 
 # What the ROS tests need: the venv as the ament prefix (package share files, message packages),
 # discovery on this host only, a random domain per run and rcl's logs inside the work tree.
@@ -48,8 +48,15 @@ test: setup
 
 # The pipeline on a seeded synthetic town: map, retrieval, then the vpr_localizer node on a drive bag by live
 # replay (/clock, use_sim_time) once per training-free re-ranker, with the ROS environment exported above.
+# Its output is also saved in demo_output/demo.log after a line saying when and where it ran (as benchmarks/run.sh
+# stamps its outputs); `benchmarks/readme_performance.py --demo` puts its tables into README.md.
+demo: SHELL := /bin/bash
+demo: .SHELLFLAGS := -o pipefail -c
 demo: setup
-	$(BIN)/vpr-demo --out demo_output
+	mkdir -p demo_output
+	{ where=$$(sed -n 's/^model name\s*: //p' /proc/cpuinfo | head -1); \
+	  echo "measured $$(date -u +%Y-%m-%d) on $${where:-an unknown machine}, $$(nproc) CPU cores"; \
+	  PYTHONUNBUFFERED=1 $(BIN)/vpr-demo --out demo_output; } | tee demo_output/demo.log
 
 # The CPU benchmarks (long: the million-image map takes most of the time), their outputs saved
 # in benchmarks/results/ and README.md's performance section regenerated from them.

@@ -56,5 +56,6 @@ else
     run geometry 900
     run descriptors 600
     run train_step 600
+    run calibration 1800    # needs `make demo`'s map and drive
 fi
 $PY benchmarks/readme_performance.py

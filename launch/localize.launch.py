@@ -1,11 +1,14 @@
-"""Start the vpr_localizer node with config/localize.yaml.
+"""Start the vpr_localizer node with config/localize.yaml; with managed:=true the managed (lifecycle) node,
+vpr_localizer_managed, which waits unconfigured for a lifecycle manager (nav2_lifecycle_manager, or
+`ros2 lifecycle set /vpr_localizer configure` then `activate`).
 
     ros2 launch vpr_rerank_ros localize.launch.py map:=/path/to/map image_topic:=/camera/image_raw
 """
 from launch import LaunchDescription
 from launch.actions import DeclareLaunchArgument
+from launch.conditions import IfCondition, UnlessCondition
 from launch.substitutions import LaunchConfiguration, PathJoinSubstitution
-from launch_ros.actions import Node
+from launch_ros.actions import LifecycleNode, Node
 from launch_ros.substitutions import FindPackageShare
 
 ARGUMENTS = [
@@ -19,6 +22,7 @@ ARGUMENTS = [
     ("compressed", "false", "subscribe to sensor_msgs/CompressedImage"),
     ("reranker", "none", "re-ranker name"),
     ("use_sim_time", "false", "use /clock (bag replay)"),
+    ("managed", "false", "start the managed (lifecycle) node, configured and activated by a lifecycle manager"),
 ]
 
 
@@ -26,9 +30,9 @@ def generate_launch_description() -> LaunchDescription:
     declared = [DeclareLaunchArgument(name, default_value=default, description=text) if default is not None
                 else DeclareLaunchArgument(name, description=text) for name, default, text in ARGUMENTS]
     image_topic = LaunchConfiguration("image_topic")
-    node = Node(
+    managed = LaunchConfiguration("managed")
+    common = dict(
         package="vpr_rerank_ros",
-        executable="vpr_localizer",
         name="vpr_localizer",
         namespace=LaunchConfiguration("namespace"),
         output="screen",
@@ -48,4 +52,6 @@ def generate_launch_description() -> LaunchDescription:
             ("gps/fix", LaunchConfiguration("gps_topic")),
         ],
     )
-    return LaunchDescription([*declared, node])
+    return LaunchDescription([*declared, Node(executable="vpr_localizer", condition=UnlessCondition(managed), **common),
+                              LifecycleNode(executable="vpr_localizer_managed", condition=IfCondition(managed),
+                                            **common)])

@@ -1,8 +1,11 @@
-"""Shared fixtures: where ../shared/data lives, and ROS isolation defaults for runs outside `make test`."""
+"""Shared fixtures: where ../shared/data lives, ROS isolation defaults for runs outside `make test`, the shared
+synthetic town, and a check of replay reports' pages."""
 from __future__ import annotations
 
+import html
 import os
 import random
+import re
 import sys
 from pathlib import Path
 
@@ -49,3 +52,20 @@ def synthetic_map(tmp_path_factory):
     generate(root / "msls", cities=1, seed=SYNTH_SEED, config=synth_config())
     report = build_map(root / "map", geotagged.from_msls(root / "msls", ["synth0"]))
     return root, report
+
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def check_page(folder: Path) -> str:
+    """A replay report's page (`report.write_report`), unescaped, after checking that every image it shows is a
+    non-empty PNG beside it, and that it loads nothing from elsewhere and runs no script."""
+    page = (folder / "index.html").read_text()
+    sources = re.findall(r'src="([^"]+)"', page)
+    assert sources, page
+    for source in sources:
+        assert re.fullmatch(r"[a-z_]+\.png", source), source
+        data = (folder / source).read_bytes()
+        assert data.startswith(PNG_SIGNATURE) and len(data) > 1000, source
+    assert "<script" not in page and "http" not in page and "href" not in page
+    return html.unescape(page)

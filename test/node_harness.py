@@ -2,6 +2,9 @@
 from an rclpy node in the test process (its own Context, so tests stay independent)."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,11 +24,20 @@ def write_params(path: Path, **params) -> Path:
 
 
 class NodeProcess(live_replay.NodeProcess):
-    """The node as `vpr-replay --live` starts it, with its log and ROS_HOME in the test's folder."""
+    """The node as `vpr-replay --live` starts it, with its log and ROS_HOME in the test's folder; `managed`: the
+    managed node, `vpr_localizer_managed`, started alike."""
 
-    def __init__(self, params_file: Path, tmp_path: Path, *ros_args: str) -> None:
-        super().__init__([params_file], tmp_path / f"node_{time.monotonic_ns()}.log", list(ros_args),
-                         env={"ROS_HOME": str(tmp_path / "ros_home")})
+    def __init__(self, params_file: Path, tmp_path: Path, *ros_args: str, managed: bool = False) -> None:
+        log_path, env = tmp_path / f"node_{time.monotonic_ns()}.log", {"ROS_HOME": str(tmp_path / "ros_home")}
+        if not managed:
+            super().__init__([params_file], log_path, list(ros_args), env=env)
+            return
+        self.log_path = log_path   # live_replay.NodeProcess runs the plain node's module
+        command = [os.path.join(sys.prefix, "bin", "vpr_localizer_managed"), "--ros-args", "--params-file",
+                   str(params_file), *ros_args]
+        with open(log_path, "w") as log:
+            self.process = subprocess.Popen(command, env={**os.environ, "PYTHONUNBUFFERED": "1", **env},
+                                            stdout=log, stderr=subprocess.STDOUT, text=True)
 
     @property
     def pid(self) -> int:
@@ -38,9 +50,10 @@ class NodeProcess(live_replay.NodeProcess):
 
 
 @contextmanager
-def running_node(params_file: Path, tmp_path: Path, *ros_args: str) -> Iterator[tuple[NodeProcess, "RosClient"]]:
+def running_node(params_file: Path, tmp_path: Path, *ros_args: str,
+                 managed: bool = False) -> Iterator[tuple[NodeProcess, "RosClient"]]:
     """A node subprocess and a test client; on leaving, the node gets SIGINT and must exit with code 0."""
-    node, client = NodeProcess(params_file, tmp_path, *ros_args), RosClient()
+    node, client = NodeProcess(params_file, tmp_path, *ros_args, managed=managed), RosClient()
     try:
         yield node, client
     finally:

@@ -79,6 +79,21 @@ def test_synthetic_drive_bag(tmp_path):
     assert 0.5 < np.median(err) < 15.0
 
 
+def test_a_drive_under_a_chosen_condition_keeps_its_route():
+    """--bag-time/--bag-weather/--bag-season fix the drive's condition; the route, stamps and GPS stay the
+    drawn drive's, so the same drive can be replayed at night and by day."""
+    config = SynthConfig(town=TownConfig(blocks_x=2, blocks_y=2), width=64, height=48)
+    plan = plan_city(config, 5, 0)
+    drawn = plan_bag_drive(plan, config, BagConfig(length_m=40.0), 5)
+    night = plan_bag_drive(plan, config, BagConfig(length_m=40.0, time="night", weather="fog"), 5)
+    condition = night[0][0].condition
+    assert (condition.time, condition.weather, condition.season) == ("night", "fog", drawn[0][0].condition.season)
+    assert [(s.x, s.y, s.heading) for s in night[0]] == [(s.x, s.y, s.heading) for s in drawn[0]]
+    assert repr(night[1:]) == repr(drawn[1:])             # GPS fixes (NaN when no fix) and truth
+    with pytest.raises(ValueError, match="time must be one of"):
+        plan_bag_drive(plan, config, BagConfig(time="noon"), 5)
+
+
 def test_decode_raw_encodings_and_errors():
     rgb = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3)
     assert np.array_equal(decode_raw("rgb8", 2, 3, 9, rgb.tobytes()), rgb)

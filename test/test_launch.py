@@ -30,15 +30,24 @@ class FindPackageShare(Recorder):
     pass
 
 
+class IfCondition(Recorder):
+    pass
+
+
+class UnlessCondition(Recorder):
+    pass
+
+
 @pytest.fixture
 def launch_description(monkeypatch):
     modules = {
         "launch": types.SimpleNamespace(LaunchDescription=Recorder),
         "launch.actions": types.SimpleNamespace(DeclareLaunchArgument=Recorder),
+        "launch.conditions": types.SimpleNamespace(IfCondition=IfCondition, UnlessCondition=UnlessCondition),
         "launch.substitutions": types.SimpleNamespace(LaunchConfiguration=LaunchConfiguration,
                                                       PathJoinSubstitution=PathJoinSubstitution),
         "launch_ros": types.SimpleNamespace(),
-        "launch_ros.actions": types.SimpleNamespace(Node=Recorder),
+        "launch_ros.actions": types.SimpleNamespace(Node=Recorder, LifecycleNode=Recorder),
         "launch_ros.substitutions": types.SimpleNamespace(FindPackageShare=FindPackageShare),
     }
     for name, module in modules.items():
@@ -69,10 +78,15 @@ def test_launch_file_is_installed_and_declares_its_arguments(launch_description)
     assert (REPO / "launch" / "localize.launch.py").exists()
     declared = {a.args[0]: a.kwargs for a in launch_description if "package" not in a.kwargs}
     assert set(declared) == {"map", "model", "config", "namespace", "image_topic", "gps_topic", "compressed",
-                             "reranker", "use_sim_time"}
+                             "reranker", "use_sim_time", "managed"}
     assert "default_value" not in declared["map"] and all(d["description"] for d in declared.values())
-    node = next(a for a in launch_description if "package" in a.kwargs).kwargs
-    assert (node["package"], node["executable"], node["name"]) == ("vpr_rerank_ros", "vpr_localizer", "vpr_localizer")
+    plain, managed = (a.kwargs for a in launch_description if "package" in a.kwargs)   # managed:=true: the second
+    assert (plain["package"], plain["executable"], plain["name"]) == ("vpr_rerank_ros", "vpr_localizer", "vpr_localizer")
+    assert isinstance(plain["condition"], UnlessCondition) and isinstance(managed["condition"], IfCondition)
+    assert plain["condition"].args[0].args[0] == managed["condition"].args[0].args[0] == "managed"
+    assert managed["executable"] == "vpr_localizer_managed"
+    assert {k: v for k, v in managed.items() if k not in ("executable", "condition")} == \
+        {k: v for k, v in plain.items() if k not in ("executable", "condition")}
 
 
 def test_equivalent_command_starts_the_node(launch_description, tmp_path):

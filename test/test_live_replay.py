@@ -1,10 +1,11 @@
 """Live bag replay over real DDS: vpr-replay --live starts the node with use_sim_time, plays a drive bag through
 the shared synthetic town onto its topics with /clock, and scores the poses it publishes."""
 import csv
+import math
 
 import pytest
 
-from conftest import SYNTH_SEED, synth_config
+from conftest import SYNTH_SEED, check_page, synth_config
 from vpr_rerank_ros.cli import replay_main
 from vpr_rerank_ros.datasets.synth_town import BagConfig, plan_city, write_bag
 
@@ -22,9 +23,9 @@ def drive_bag(tmp_path_factory):
 def test_live_replay_scores_what_the_node_publishes(synthetic_map, drive_bag, tmp_path, capsys):
     _, report = synthetic_map
     bag = drive_bag
-    rows_csv = tmp_path / "frames.csv"
+    rows_csv, folder = tmp_path / "frames.csv", tmp_path / "report"
     assert replay_main([str(bag), "--map", str(report.bundle.root), "--top-k", "20", "--live", "--wait-for-node",
-                        "--rate", "2", "--frame-timeout", "15", "--csv", str(rows_csv)]) == 0
+                        "--rate", "2", "--frame-timeout", "15", "--csv", str(rows_csv), "--report", str(folder)]) == 0
     out = capsys.readouterr().out
     assert "frames sent 16, answered 16; node received 16, processed 16, dropped 0 (latest frame wins), bad 0, " \
            "errors 0, lost in transport 0;" in out, out
@@ -33,6 +34,12 @@ def test_live_replay_scores_what_the_node_publishes(synthetic_map, drive_bag, tm
     assert len(rows) == 16
     errors = sorted(float(r["error_m"]) for r in rows)
     assert errors[len(errors) // 2] < 25.0, errors                # the same bound as the offline replay
+    # Per frame: the wall time to each pose; the node's stages for the frames its diagnostics reported.
+    assert all(float(r["end_to_end_ms"]) > 0 for r in rows)
+    assert 1 <= sum(math.isfinite(float(r["descriptor_ms"])) for r in rows) < 16
+    page = check_page(folder)
+    assert "frames sent 16, answered 16;" in page and "live: /clock at up to 2x" in page and "ellipses.png" in page
+    assert "latency.png" in page and "The confidences are not known" in page
 
 
 def test_live_replay_at_bag_rate_accounts_for_every_frame(synthetic_map, drive_bag):

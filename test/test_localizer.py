@@ -11,7 +11,8 @@ from vpr_rerank_ros.datasets.msls import load_city
 from vpr_rerank_ros.descriptors.extract import DescriptorExtractor
 from vpr_rerank_ros.geo import UtmZone, compass_to_grid, latlon_to_utm
 from vpr_rerank_ros.images import read_rgb
-from vpr_rerank_ros.localizer import Localizer, LocalizerSettings
+from vpr_rerank_ros.localizer import Localizer, LocalizerSettings, distinctiveness
+from vpr_rerank_ros.metrics import calibration
 from vpr_rerank_ros.mapbuild import map_model
 from vpr_rerank_ros.mapdb import MapBundle, MapTable
 from vpr_rerank_ros.rerank import Reranker
@@ -29,13 +30,18 @@ def localizer_and_queries(synthetic_map):
 
 def test_poses_are_close_and_covariances_honest(localizer_and_queries):
     localizer, query = localizer_and_queries
-    errors, covariances = [], []
+    errors, covariances, estimates, truths, ratios, matrices = [], [], [], [], [], []
+    floor = localizer.settings.position_floor_m
     for i in range(0, len(query), 2):
         result = localizer.localize(read_rgb(query.image_path(i)), stamp=float(i))
         truth = latlon_to_utm(query.lat[i], query.lon[i], localizer.bundle.table.zone)[:2]
         errors.append(math.hypot(result.easting - float(truth[0]), result.northing - float(truth[1])))
+        estimates.append((result.easting, result.northing))
+        truths.append((float(truth[0]), float(truth[1])))
+        ratios.append(result.distinctiveness)
         cov = result.position_covariance
-        assert np.allclose(cov, cov.T) and np.linalg.eigvalsh(cov).min() >= 25.0 - 1e-9   # floor 5 m
+        matrices.append(cov)
+        assert np.allclose(cov, cov.T) and np.linalg.eigvalsh(cov).min() >= floor ** 2 - 1e-9
         assert result.heading_variance >= 100.0 and 0.0 <= result.confidence <= 1.0
         assert len(result.matches) == 20 and result.stamp == float(i)
         assert set(result.timings) == {"descriptor", "retrieval", "reranking", "pose"}
@@ -44,6 +50,26 @@ def test_poses_are_close_and_covariances_honest(localizer_and_queries):
         covariances.append(np.trace(cov))
     assert np.mean(np.array(errors) <= 25.0) >= 0.6
     assert np.std(covariances) > 1.0                    # the uncertainty follows the matches, it is not a constant
+    ratios, covariances = np.array(ratios), np.array(covariances)
+    distinct = ratios >= localizer.settings.distinct_ratio
+    ambiguous = ratios <= localizer.settings.ambiguous_ratio
+    assert distinct.any() and ambiguous.any()
+    assert covariances[ambiguous].min() > 100 * covariances[distinct].max()   # ambiguous: the candidates' spread
+    coverage = calibration(np.array(estimates), np.array(truths), matrices)["coverage95"]
+    assert 0.85 <= coverage < 1.0                       # neither overconfident nor covering everything
+
+
+def test_distinctiveness_is_a_ratio_test_between_places():
+    sims = np.array([0.9, 0.5, 0.4, 0.3, 0.2, 0.1])
+    elsewhere = np.array([False, True, True, True, True, True])
+    ratio = distinctiveness(sims, 0.9, elsewhere)
+    assert ratio == pytest.approx((0.9 - 0.35) / (0.5 - 0.35))
+    assert distinctiveness(3.0 * sims - 1.0, 3.0 * 0.9 - 1.0, elsewhere) == pytest.approx(ratio)   # scale-free
+    assert distinctiveness(sims, 0.9, np.zeros(6, bool)) == math.inf        # nothing elsewhere
+    assert distinctiveness(np.array([0.5, 0.1, 0.1, 0.1]), 0.5, np.array([False, True, True, True])) == math.inf
+    flat = np.full(4, 0.3)
+    assert distinctiveness(flat, 0.3, np.array([False, True, True, True])) == 1.0   # all alike: ambiguous
+    assert distinctiveness(sims, 0.5, np.array([True, False, True, True, True, True])) < 1.0   # a better rival
 
 
 def test_gps_hint_restricts_and_falls_back(localizer_and_queries):

@@ -190,7 +190,8 @@ def test_build_with_external_weights_records_identity_only(synthetic_map, tmp_pa
 
 def test_a_killed_build_resumes_describing_where_it_stopped(tmp_path, monkeypatch):
     """With a model, images are described into <out>.describing.h5 as they come: a build interrupted halfway
-    leaves no map, and the next one describes only the rest and writes the same map as one uninterrupted build."""
+    leaves no map, and the next one describes only the rest and writes the same map as one uninterrupted build;
+    an image removed in between (described, but no longer in the set) is left out."""
     from vpr_rerank_ros.descriptors.extract import DescriptorExtractor
     from vpr_rerank_ros.mapbuild import build_map
 
@@ -212,8 +213,11 @@ def test_a_killed_build_resumes_describing_where_it_stopped(tmp_path, monkeypatc
         build_map(tmp_path / "map", images, model, device="cpu", batch_size=2)
     assert not (tmp_path / "map").exists() and (tmp_path / "map.describing.h5").exists()
     interrupt, described[:] = False, []
+    (tmp_path / "00.jpg").unlink()                   # described before the interruption, then removed
+    images = geotagged.from_folder(tmp_path)
     resumed = build_map(tmp_path / "map", images, model, device="cpu", batch_size=2).bundle
     assert sum(described) == 10 and not (tmp_path / "map.describing.h5").exists()
+    assert len(resumed) == 11 and "00" not in set(resumed.table.keys)
     whole = build_map(tmp_path / "whole", images, model, device="cpu", batch_size=2).bundle
     order = np.argsort(resumed.table.keys)
     assert np.allclose(resumed.descriptors[order], whole.descriptors[np.argsort(whole.table.keys)], atol=1e-6)

@@ -76,7 +76,8 @@ def test_rclpy_not_in_install_requires():
 
 
 def test_console_script_installed():
-    for name in ("vpr-map", "vpr-synth", "vpr-weights", "vpr-eval", "vpr-demo", "vpr_localizer"):
+    for name in ("vpr-map", "vpr-synth", "vpr-weights", "vpr-eval", "vpr-demo", "vpr_localizer",
+                 "vpr_localizer_managed"):
         script = Path(sys.prefix) / "bin" / name
         assert script.exists() or shutil.which(name), f"{name} was not installed (run make setup)"
 

@@ -77,3 +77,29 @@ def test_odometry_velocities_carry_the_estimate_through_a_turn():
     after_turn = slice(40, 50)
     assert np.hypot(*(odometry - truth)[after_turn].T).mean() < np.hypot(*(plain - truth)[after_turn].T).mean()
     assert np.hypot(*(odometry - truth)[10:].T).max() < 10.0
+
+
+@pytest.mark.parametrize("heading_deg, expected", [(0.0, (0.0, 10.0)), (90.0, (10.0, 0.0)), (180.0, (0.0, -10.0)),
+                                                   (225.0, (-10 / np.sqrt(2), -10 / np.sqrt(2)))])
+def test_a_body_velocity_is_rotated_by_the_vehicle_heading_into_the_map(heading_deg, expected):
+    """10 m/s forward: north for a vehicle heading north (compass 0), east for one heading east (compass 90)."""
+    from vpr_rerank_ros.tracking import body_velocity_to_map
+
+    velocity, covariance = body_velocity_to_map(10.0, 0.0, np.zeros((2, 2)), heading_deg, 0.0)
+    np.testing.assert_allclose(velocity, expected, atol=1e-9)
+    np.testing.assert_allclose(covariance, np.zeros((2, 2)), atol=1e-12)
+    left, _ = body_velocity_to_map(0.0, 2.0, np.zeros((2, 2)), heading_deg, 0.0)   # y is left: 90 deg CCW
+    np.testing.assert_allclose(left, np.array([-expected[1], expected[0]]) / 5, atol=1e-9)
+
+
+def test_the_heading_uncertainty_widens_the_velocity_across_the_direction_of_travel():
+    from vpr_rerank_ros.tracking import body_velocity_to_map
+
+    body = np.diag([0.04, 0.01])                                      # forward sigma 0.2, left 0.1 m/s
+    _, covariance = body_velocity_to_map(10.0, 0.0, body, 90.0, 100.0)  # heading east, sigma 10 deg
+    across = (10.0 * np.radians(10.0)) ** 2
+    np.testing.assert_allclose(covariance, np.diag([0.04, 0.01 + across]), atol=1e-9)
+    rng = np.random.default_rng(0)                                    # the first-order spread, by sampling
+    headings = 90.0 + rng.normal(0, 10.0, 20000)
+    samples = np.array([body_velocity_to_map(10.0, 0.0, np.zeros((2, 2)), h, 0.0)[0] for h in headings])
+    assert abs(samples[:, 1].var() - across) < 0.1 * across

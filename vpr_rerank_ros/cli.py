@@ -9,6 +9,7 @@ import math
 import sys
 from typing import Callable
 
+from .datasets.street_render import SEASONS, TIMES, WEATHERS
 from .mapdb import FILES, IndexConfig, MapBundle
 from .localizer import LocalizerSettings
 from .rerank import COMPARED, reranker_label
@@ -303,6 +304,9 @@ def synth_main(argv: list[str] | None = None) -> int:
     bag.add_argument("--bag-storage", choices=("mcap", "sqlite3"), default="mcap", help="bag storage (default mcap)")
     bag.add_argument("--gps-noise", type=float, default=3.0, help="GPS noise in metres (default 3)")
     bag.add_argument("--gps-rate", type=float, default=1.0, help="GPS rate in Hz (default 1)")
+    bag.add_argument("--bag-time", choices=TIMES, help="the drive's light (default: drawn like a query drive's)")
+    bag.add_argument("--bag-weather", choices=WEATHERS, help="the drive's weather (default: drawn)")
+    bag.add_argument("--bag-season", choices=SEASONS, help="the drive's season (default: drawn)")
     args = parser.parse_args(argv)
     if not (args.out or args.bag or args.contact_sheet):
         parser.error("give at least one of --out, --bag and --contact-sheet")
@@ -317,7 +321,8 @@ def _synth(args) -> int:
                          width=args.size[0], height=args.size[1], frame_spacing_m=args.spacing,
                          query_sequences=args.query_sequences, query_frames=args.query_frames)
     bag_config = BagConfig(length_m=args.bag_length, fps=args.bag_fps, gps_noise_m=args.gps_noise,
-                           gps_rate_hz=args.gps_rate, compressed=not args.bag_raw, storage=args.bag_storage)
+                           gps_rate_hz=args.gps_rate, compressed=not args.bag_raw, storage=args.bag_storage,
+                           time=args.bag_time, weather=args.bag_weather, season=args.bag_season)
     if args.out:
         plans = generate(args.out, args.cities, args.seed, config, workers=args.workers, progress=True)
         for plan in plans:
@@ -434,7 +439,10 @@ def replay_main(argv: list[str] | None = None) -> int:
                         help="fuse consecutive estimates with the temporal filter (tracking.PoseFilter; the node's "
                              "`filter: true`) and score its output")
     parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
-    parser.add_argument("--csv", help="write one row per frame (estimate, truth, error)")
+    parser.add_argument("--csv", help="write one row per frame (estimate, truth, error, covariance, latency)")
+    parser.add_argument("--report", metavar="DIR",
+                        help="write an HTML report with figures to DIR/index.html (DIR is created; a report already "
+                             "there is replaced, other files are left)")
     live = parser.add_argument_group("live replay (--live)")
     live.add_argument("--live", action="store_true",
                       help="start the vpr_localizer node (use_sim_time) and play the bag to it with /clock")
@@ -473,13 +481,23 @@ def _replay_input(args):
 
 def _replay(args) -> int:
     import csv
+    from pathlib import Path
 
-    report = _replay_live(args) if args.live else _replay_offline(args)
+    from .report import ReplaySetup, write_report
+
+    if args.report and Path(args.report).exists() and not Path(args.report).is_dir():
+        raise ValueError(f"--report {args.report} is a file, not a folder")   # before a replay of minutes
+    report, summary, mode = _replay_live(args) if args.live else _replay_offline(args)
+    print(summary)
     if args.csv:
         with open(args.csv, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(report.rows[0]))
             writer.writeheader()
             writer.writerows(report.rows)
+    if args.report:
+        setup = ReplaySetup(args.bag, args.map, reranker_label(*args.reranker), args.top_k, args.filter,
+                            not args.no_gps, mode)
+        print(f"report: {write_report(args.report, report, summary, setup)}")
     return 0
 
 
@@ -490,6 +508,7 @@ def _warn_if_untrained(reranker) -> None:
 
 
 def _replay_offline(args):
+    """The report, its text and 'offline'."""
     from .localizer import Localizer, LocalizerSettings
     from .mapbuild import map_model
     from .replay import format_report, replay_bag
@@ -502,11 +521,11 @@ def _replay_offline(args):
     _warn_if_untrained(localizer.reranker)
     report = replay_bag(args.bag, localizer, _replay_input(args), use_gps=not args.no_gps,
                         tracker=PoseFilter() if args.filter else None)
-    print(format_report(report))
-    return report
+    return report, format_report(report), "offline"
 
 
 def _replay_live(args):
+    """The report, its text and how the bag was played."""
     from .live_replay import LiveSettings, NodeSetup, format_live_report, replay_live
     from .rerank import build_reranker
 
@@ -518,8 +537,7 @@ def _replay_live(args):
                             frame_timeout_s=30.0 if args.frame_timeout is None else args.frame_timeout,
                             use_gps=not args.no_gps)
     live = replay_live(args.bag, node, settings, _replay_input(args))
-    print(format_live_report(live))
-    return live.report
+    return live.report, format_live_report(live), settings.describe()
 
 
 def _make_bag_main(argv: list[str]) -> int:

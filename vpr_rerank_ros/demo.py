@@ -6,12 +6,13 @@ Recall@k / mAP@k with and without a noisy GPS hint and Recall@1 per condition; t
 positional affinity on two other cities (maps described with the same model) and compares it with the
 training-free re-rankers on the demo city's queries; then records a query drive as a ROS 2 bag, runs the
 vpr_localizer node on it by live replay (/clock, paced by the node) once per re-ranker, and prints the
-localisation error table of each.
+localisation error table of each and writes its HTML report (reports/index.html in --out links them).
 """
 from __future__ import annotations
 
 import argparse
 import csv
+import re
 import time
 from pathlib import Path
 
@@ -132,8 +133,10 @@ def _indented(line: str) -> None:
 
 
 def _live_replays(out: Path, config: SynthConfig, args, weights: Path) -> None:
-    """A query drive through the town as a bag, replayed live to the node once per re-ranker."""
-    from .live_replay import LiveSettings, NodeSetup, replay_live   # ROS only here
+    """A query drive through the town as a bag, replayed live to the node once per re-ranker, each with its HTML
+    report in out/reports/<re-ranker>/ and a page linking them in out/reports/."""
+    from .live_replay import LiveSettings, NodeSetup, format_live_report, replay_live   # ROS only here
+    from .report import ReplaySetup, write_index, write_report
 
     plan, bag_config = plan_city(config, args.seed, 0), BagConfig(length_m=args.bag_length, fps=5.0)
     bag = out / f"drive_seed{args.seed}_{args.bag_length:g}m"
@@ -147,9 +150,10 @@ def _live_replays(out: Path, config: SynthConfig, args, weights: Path) -> None:
           "to pose (its diagnostics),\ne2e = image published to pose received.")
     columns = ("answered", "median", "p90", "p95", "<5 m", "<10 m", "<25 m", "R@1", "node ms", "e2e ms")
     print(f"{'re-ranker':28s}" + "".join(f"{c:>9s}" for c in columns))
+    settings, links = LiveSettings(rate=args.rate, wait_for_node=True, use_gps=False), []
     for name, params in (*DEMO_RERANKERS, ("gnn", {"weights": str(weights)})):
-        live = replay_live(bag, NodeSetup(map_path=str(out / "map"), reranker=name, reranker_params=params),
-                           LiveSettings(rate=args.rate, wait_for_node=True, use_gps=False))
+        node = NodeSetup(map_path=str(out / "map"), reranker=name, reranker_params=params)
+        live = replay_live(bag, node, settings)
         e, latency = live.report.errors, live.report.latency_ms
         shares = (e["within_5m"], e["within_10m"], e["within_25m"], live.report.recall["recall@1"])
         cells = [f"{live.answered}/{live.sent}", *(f"{e[k]:.1f}" for k in ("median", "p90", "p95")),
@@ -157,6 +161,15 @@ def _live_replays(out: Path, config: SynthConfig, args, weights: Path) -> None:
                  *(f"{latency.get(k, float('nan')):.0f}" for k in ("total", "end_to_end"))]
         label = LEARNED_LABEL if "weights" in params else reranker_label(name, params)
         print(f"{label:28s}" + "".join(f"{c:>9s}" for c in cells))
+        folder = re.sub(r"[^A-Za-z0-9.-]+", "_", label).strip("_")
+        write_report(out / "reports" / folder, live.report, format_live_report(live),
+                     ReplaySetup(str(bag), node.map_path, label, node.top_k, node.filter, settings.use_gps,
+                                 settings.describe()))
+        links.append((label, f"{folder}/index.html", f"median error {e['median']:.1f} m, within 25 m "
+                                                     f"{100 * e['within_25m']:.1f} %, {live.answered}/{live.sent} "
+                                                     "frames answered"))
+    index = write_index(out / "reports", f"Live replays of {bag.name}, one per re-ranker", links)
+    print(f"\nreports (trajectory, errors, 95 % ellipses, latency): {index}, one folder per re-ranker beside it")
 
 
 def _per_condition(msls: Path, run) -> None:

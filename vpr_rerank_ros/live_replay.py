@@ -35,12 +35,11 @@ from visualization_msgs.msg import MarkerArray
 from .bag import FIX_TYPE, TYPESTORE, iter_bag, stamp_ns
 from .frames import COUNTERS, DIAGNOSTICS_PERIOD_S, STATUS_NAME
 from .mapdb import MapBundle
-from .replay import (FrameEstimate, GpsTrack, ReplayInput, ReplayReport, format_report, open_drive, score_frames,
-                     skip_reason)
+from .replay import (STAGES, FrameEstimate, GpsTrack, ReplayInput, ReplayReport, format_report, open_drive,
+                     score_frames, skip_reason)
 
 CLOCK_PERIOD_S = 0.025         # /clock is published about every 25 ms of wall time (40 Hz)
 NODE = "/vpr_localizer"        # the node's name, so its private topics are /vpr_localizer/pose, .../matches
-STAGES = ("descriptor", "retrieval", "reranking", "pose", "total")   # the node's latency_<stage>_ms values
 
 
 @dataclass(frozen=True)
@@ -71,6 +70,12 @@ class LiveSettings:
         if not (self.rate > 0 and self.frame_timeout_s > 0 and self.startup_timeout_s > 0):
             raise ValueError("rate, frame_timeout_s and startup_timeout_s must be positive")
 
+    def describe(self) -> str:
+        """How the bag is played, in words (a report's header)."""
+        if self.wait_for_node:
+            return f"live: /clock at up to {self.rate:g}x the bag's speed, each frame waiting for the node's answer"
+        return f"live: /clock at {self.rate:g}x the bag's speed, frames the node cannot keep up with dropped"
+
 
 @dataclass
 class LiveReport:
@@ -97,7 +102,8 @@ def format_live_report(live: LiveReport) -> str:
 def replay_live(bag: str | Path, node: NodeSetup, settings: LiveSettings = LiveSettings(),
                 request: ReplayInput = ReplayInput()) -> LiveReport:
     """Start the node, play the bag to it, score its poses. Raises RuntimeError when the node fails."""
-    zone = MapBundle.load(node.map_path, verify=False, use_gpu=False).table.zone   # a clear error before ROS
+    table = MapBundle.load(node.map_path, verify=False, use_gpu=False).table   # a clear error before ROS
+    zone = table.zone
     topics, truth = open_drive(bag, request, zone)
     gps = GpsTrack.read(bag, topics.gps, zone) if topics.gps else None
     played_gps = topics.gps if settings.use_gps else None
@@ -124,7 +130,7 @@ def replay_live(bag: str | Path, node: NodeSetup, settings: LiveSettings = LiveS
         finally:
             rclpy.try_shutdown(context=context)
             process.stop()
-    frames, skipped = [], {}
+    frames, skipped, latency_ms = [], {}, player.frame_latency_ms()
     for stamp in player.sent:
         reason = skip_reason(truth, stamp)
         if reason is not None:
@@ -132,9 +138,9 @@ def replay_live(bag: str | Path, node: NodeSetup, settings: LiveSettings = LiveS
             continue
         x, y = player.poses.get(stamp, (float("nan"), float("nan")))
         frames.append(FrameEstimate(stamp, x, y, player.matches.get(stamp, []),
-                                    covariance=player.covariances.get(stamp)))
+                                    covariance=player.covariances.get(stamp), latency_ms=latency_ms.get(stamp, {})))
     try:
-        report = score_frames(frames, truth, skipped, player.latency_ms(), gps)
+        report = score_frames(frames, truth, skipped, gps, map_table=table)
     except ValueError as exc:
         raise ValueError(f"{bag}: {exc}") from None
     answered = sum(stamp in player.poses for stamp in player.sent)
@@ -320,16 +326,16 @@ class _Player:
         values = self.diagnostics[-1][1]
         return {k: int(values[k]) for k in COUNTERS}
 
-    def latency_ms(self) -> dict:
-        """Median per stage over the diagnostics that report a newly processed frame (the node reports its
-        last frame's latencies), and the median wall time from publishing a frame to receiving its pose."""
-        by_frame = {values["processed"]: values for _, values in self.diagnostics if values["processed"] != "0"}
-        latency = {}
-        for stage in STAGES:
-            samples = [float(v[f"latency_{stage}_ms"]) for v in by_frame.values() if f"latency_{stage}_ms" in v]
-            if samples:
-                latency[stage] = float(np.median(samples))
-        delays = [self.answer_wall[s] - self.sent[s] for s in self.sent if s in self.answer_wall]
-        if delays:
-            latency["end_to_end"] = float(np.median(delays)) * 1e3
+    def frame_latency_ms(self) -> dict:
+        """Stamp -> {stage: ms} of each answered frame: end_to_end, the wall time from publishing the frame to
+        receiving its pose, and the node's stages for the frames its diagnostics reported. The node reports its
+        last frame's latencies with the count of frames processed, n; its poses arrive in the order it processed
+        them, so that frame is the n-th pose received."""
+        answered = sorted(self.answer_wall, key=self.answer_wall.get)
+        latency = {s: {"end_to_end": (self.answer_wall[s] - self.sent[s]) * 1e3} for s in answered if s in self.sent}
+        for _, values in self.diagnostics:
+            n = int(values["processed"])
+            if 0 < n <= len(answered) and answered[n - 1] in latency:
+                latency[answered[n - 1]].update({stage: float(values[f"latency_{stage}_ms"]) for stage in STAGES
+                                                 if f"latency_{stage}_ms" in values})
         return latency

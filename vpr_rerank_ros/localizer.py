@@ -1,5 +1,6 @@
 """The pipeline object, without ROS: camera image (+ GPS hint) -> descriptor -> retrieval -> re-ranking ->
-pose estimate with a covariance derived from the agreement of the top matches."""
+pose estimate with a covariance derived from the agreement of the top matches and from how distinct the chosen
+place is among the candidates (docs/conventions.md, "Position covariance")."""
 from __future__ import annotations
 
 import math
@@ -25,9 +26,11 @@ class LocalizerSettings:
     top_k: int = 100                  # candidates retrieved and re-ranked
     pose_matches: int = 5             # top re-ranked matches that form the estimate
     temperature: float = 0.05         # softmax temperature turning scores into weights
-    position_floor_m: float = 5.0     # a camera is not where a map image was taken: minimum 1-sigma
+    position_floor_m: float = 0.3     # least 1-sigma of a trusted estimate; raise it to the map's position accuracy
     heading_floor_deg: float = 10.0
     agree_radius_m: float = 25.0      # matches this close to the best one count as agreeing (confidence)
+    ambiguous_ratio: float = 1.25     # distinctiveness at or below which the place could be any candidate's
+    distinct_ratio: float = 3.0       # distinctiveness at or above which the agreeing matches are trusted alone
     gps_radius_m: float = 50.0        # search radius around a GPS hint, plus 3 sigma of the fix
     device: str = "auto"              # torch device of the descriptor (backend torch) and the re-ranker
     fp16: bool = False                # float16 autocast for the descriptor on CUDA (backend torch)
@@ -41,6 +44,9 @@ class LocalizerSettings:
         for name in ("temperature", "position_floor_m", "heading_floor_deg", "agree_radius_m", "gps_radius_m"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if not 0 < self.ambiguous_ratio < self.distinct_ratio:
+            raise ValueError(f"need 0 < ambiguous_ratio < distinct_ratio, got {self.ambiguous_ratio}, "
+                             f"{self.distinct_ratio}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
 
@@ -73,6 +79,7 @@ class Localization:
     gps_note: str
     stamp: float | None
     timings: dict = field(default_factory=dict)   # seconds per stage
+    distinctiveness: float = math.nan  # how much more similar the chosen place is than the best one elsewhere
 
     def of_vehicle(self, forward_m: float, left_m: float, camera_yaw_deg: float, zone: UtmZone) -> "Localization":
         """This camera pose as the pose of the vehicle that carries the camera at (`forward_m`, `left_m`) in its body
@@ -117,6 +124,7 @@ class Localizer:
         bundle.check_model(model)
         self.bundle, self.settings = bundle, settings
         self._centre = (float(np.mean(bundle.table.lat)), float(np.mean(bundle.table.lon)))
+        self.spacing_m = map_spacing(bundle.table.easting, bundle.table.northing)
         self.device = pick_device(settings.device)
         if settings.backend == "onnxruntime":
             from .onnx_export import OnnxDescriptorExtractor
@@ -154,7 +162,8 @@ class Localizer:
         timings["descriptor"] = time.perf_counter() - start
 
         start = time.perf_counter()
-        hint_xy, radius, note = self._hint(gps_hint)
+        hint_xy, sigma, note = self._hint(gps_hint)
+        radius = None if hint_xy is None else self.settings.gps_radius_m + 3 * sigma
         k = min(self.settings.top_k, len(self.bundle))
         result = self.bundle.search(descriptor, k, hint_xy=hint_xy, radius=radius)
         if result.fallback[0]:
@@ -169,20 +178,23 @@ class Localizer:
         timings["reranking"] = time.perf_counter() - start
 
         start = time.perf_counter()
-        localization = self._pose(ids[order], similarities[order], gps_used=bool(result.restricted[0]),
+        fix = (hint_xy[0], sigma) if result.restricted[0] else None
+        localization = self._pose(ids[order], similarities[order], fix, gps_used=bool(result.restricted[0]),
                                   fallback=bool(result.fallback[0]), note=note, stamp=stamp)
         timings["pose"] = time.perf_counter() - start
         localization.timings = timings
         return localization
 
-    def _hint(self, gps_hint) -> tuple[np.ndarray | None, float | None, str]:
+    def _hint(self, gps_hint) -> tuple[np.ndarray | None, float, str]:
+        """The hint's (1, 2) position in the map's zone (None: no usable hint), its 1-sigma (0: unknown), and a
+        note saying which."""
         if gps_hint is None:
-            return None, None, "no GPS hint"
+            return None, 0.0, "no GPS hint"
         lat, lon, sigma = (float(v) for v in gps_hint)
         if not (math.isfinite(lat) and math.isfinite(lon)) or abs(lat) > 90 or abs(lon) > 180:
-            return None, None, f"invalid GPS hint ({lat}, {lon}) ignored"
+            return None, 0.0, f"invalid GPS hint ({lat}, {lon}) ignored"
         sigma = sigma if math.isfinite(sigma) and sigma > 0 else 0.0
-        return self.bundle.hint_from_latlon(lat, lon), self.settings.gps_radius_m + 3 * sigma, "GPS hint used"
+        return self.bundle.hint_from_latlon(lat, lon), sigma, "GPS hint used"
 
     def _grid_heading(self, heading_hint: float | None, gps_hint) -> float:
         """A compass heading hint as a grid heading in the map's zone (at the GPS hint, else the map's centre);
@@ -204,10 +216,13 @@ class Localizer:
             similarities = torch.mv(inputs.candidates[0].float(), inputs.query[0].float())
             return order.cpu().numpy(), similarities.cpu().numpy()
 
-    def _pose(self, ids, similarities, gps_used, fallback, note, stamp) -> Localization:
-        """The estimate is the weighted mean of the top matches that agree with the best one (weights: softmax
-        of descriptor similarities); its covariance is the weighted spread of *all* top matches around it plus
-        a floor, so it is never zero and grows when the matches disagree."""
+    def _pose(self, ids, similarities, fix, gps_used, fallback, note, stamp) -> Localization:
+        """The estimate is the weighted mean of the top matches that agree with the best one (weights: softmax of
+        descriptor similarities). Its covariance is the uncertainty of that mean while the place is distinct: the
+        camera lies somewhere between map images (spacing^2 / 12, a uniform error, over the agreeing matches'
+        effective number), plus a floor. As the place gets ambiguous (`distinctiveness`), the spread of the
+        candidates around the estimate is added: the truth could be at any of them, weighted by their agreement
+        with the GPS `fix` ((x, y), 1-sigma) when the search used one. Calibration: docs/conventions.md."""
         table, s = self.bundle.table, self.settings
         matches = [Match(str(table.keys[i]), int(i), float(sim), float(table.easting[i]), float(table.northing[i]),
                          float(table.heading[i])) for i, sim in zip(ids, similarities)]
@@ -220,8 +235,13 @@ class Localizer:
             (heading_difference(table.heading[top], table.heading[top[0]]) <= 90.0)
         cluster = weights * agree / (weights * agree).sum()
         mean = cluster @ xy
-        offset = xy - mean
-        covariance = (weights[:, None] * offset).T @ offset + s.position_floor_m ** 2 * np.eye(2)
+        local = (s.position_floor_m ** 2 + self.spacing_m ** 2 / 12 * (cluster ** 2).sum()) * np.eye(2)
+        candidates = np.stack([table.easting[ids], table.northing[ids]], axis=1) - mean
+        ratio = distinctiveness(similarities, float(similarities[:s.pose_matches][agree].max()),
+                                np.hypot(*candidates.T) > s.agree_radius_m)
+        trust = float(np.clip((ratio - s.ambiguous_ratio) / (s.distinct_ratio - s.ambiguous_ratio), 0.0, 1.0))
+        where = _place_weights(candidates + mean, fix)
+        covariance = local + (1.0 - trust) * (where[:, None] * candidates).T @ candidates
         angles = np.radians(table.heading[top])
         unit = np.stack([np.sin(angles), np.cos(angles)], axis=1)
         direction = cluster @ unit
@@ -232,4 +252,38 @@ class Localizer:
         return Localization(matches=matches, easting=float(mean[0]), northing=float(mean[1]), heading=heading,
                             lat=float(lat), lon=float(lon), position_covariance=covariance,
                             heading_variance=heading_variance, confidence=float(weights[agree].sum()),
-                            gps_used=gps_used, gps_fallback=fallback, gps_note=note, stamp=stamp)
+                            gps_used=gps_used, gps_fallback=fallback, gps_note=note, stamp=stamp,
+                            distinctiveness=ratio)
+
+
+def map_spacing(easting: np.ndarray, northing: np.ndarray, sample: int = 10_000) -> float:
+    """The median distance (m) from a map image to its nearest neighbour, over at most `sample` images (a fixed
+    choice): how far apart the places are that a camera is matched to."""
+    from scipy.spatial import cKDTree
+
+    xy = np.stack([easting, northing], axis=1).astype(np.float64)
+    if len(xy) < 2:
+        return 0.0
+    picked = xy[np.linspace(0, len(xy) - 1, min(sample, len(xy))).astype(np.int64)]
+    return float(np.median(cKDTree(xy).query(picked, k=2)[0][:, 1]))
+
+
+def _place_weights(xy: np.ndarray, fix: tuple[np.ndarray, float] | None) -> np.ndarray:
+    """How likely the truth is at each candidate position when the place is ambiguous: alike, or by the GPS fix's
+    Gaussian likelihood when there is a fix with a known sigma."""
+    if fix is None or not fix[1] > 0:
+        return np.full(len(xy), 1.0 / len(xy))
+    logits = -((xy - fix[0]) ** 2).sum(axis=1) / (2 * fix[1] ** 2)
+    weights = np.exp(logits - logits.max())
+    return weights / weights.sum()
+
+
+def distinctiveness(similarities: np.ndarray, best: float, elsewhere: np.ndarray) -> float:
+    """How much more the chosen place stands out from the candidates' median similarity than the best candidate
+    `elsewhere` (a boolean mask) does: a ratio test between places, free of the descriptor's similarity scale.
+    Infinite when nothing elsewhere beats the median; 1 (ambiguous) when the chosen place does not either."""
+    median = float(np.median(similarities))
+    rival = float(similarities[elsewhere].max()) if elsewhere.any() else -math.inf
+    if rival <= median:
+        return math.inf if best > median else 1.0
+    return max(best - median, 0.0) / (rival - median)

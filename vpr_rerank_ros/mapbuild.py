@@ -7,6 +7,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 
 from .datasets.geotagged import ImageSet, read_exif_gps
 from .descriptors.extract import DescriptorExtractor, DescriptorStore, read_descriptors
@@ -89,13 +90,28 @@ def build_map(out: str | Path, images: ImageSet, model: GlobalDescriptor | None 
 
 def _write(out: Path, images: ImageSet, keys: list[str], descriptors, model: GlobalDescriptor, stored: bool,
            index: IndexConfig, dtype: str, overwrite: bool, progress: bool, attachments: dict) -> MapBundle:
-    """The map of the described `keys` (rows of `descriptors`, any array-like, in that order)."""
+    """The map of the described `keys` (rows of `descriptors`, any array-like, in that order) that are still
+    among the `images` (a resumed describing file may hold images removed since)."""
+    row = {k: i for i, k in enumerate(images.table.keys)}
+    kept = [i for i, k in enumerate(keys) if k in row]
+    if len(kept) < len(keys):
+        keys, descriptors = [keys[i] for i in kept], _Rows(descriptors, kept)
     if not keys:
         raise ValueError("no map image could be described")
-    row = {k: i for i, k in enumerate(images.table.keys)}
     return MapBundle.build(out, images.table.take([row[k] for k in keys]), descriptors,
                            _descriptor_info(model, stored), index=index, dtype=dtype, overwrite=overwrite,
                            progress=progress, attachments=attachments)
+
+
+class _Rows:
+    """Some rows (increasing indices) of an array-like, read a slice at a time as `MapBundle.build` reads."""
+
+    def __init__(self, data, rows: list[int]) -> None:
+        self.data, self.rows = data, np.asarray(rows, dtype=np.int64)
+        self.shape = (len(self.rows), data.shape[1])
+
+    def __getitem__(self, part: slice) -> np.ndarray:
+        return np.asarray(self.data[self.rows[part]])
 
 
 def _offline_warnings(model: GlobalDescriptor, images: int) -> list[str]:

@@ -175,7 +175,13 @@ def calibration(estimated_xy, true_xy, covariances) -> dict:
     if not (np.allclose(cov[scored], cov[scored].transpose(0, 2, 1)) and
             (np.linalg.eigvalsh(cov[scored]).min(axis=1) > 0).all()):
         raise ValueError("covariances must be symmetric positive definite")
-    error = (est - true)[scored]
-    nees = np.einsum("ni,ni->n", error, np.linalg.solve(cov[scored], error[..., None])[..., 0])
-    return {"frames_scored": int(scored.sum()), "coverage95": float((nees <= CHI2_2DOF_95).mean()),
-            "mean_nees": float(nees.mean())}
+    scores = nees(est[scored], true[scored], cov[scored])
+    return {"frames_scored": int(scored.sum()), "coverage95": float((scores <= CHI2_2DOF_95).mean()),
+            "mean_nees": float(scores.mean())}
+
+
+def nees(estimated_xy, true_xy, covariances) -> np.ndarray:
+    """The normalised estimation error squared e^T S^-1 e of each (N, 2) estimate with its (N, 2, 2) covariance;
+    the truth lies inside the estimate's 95 % ellipse when it is at most CHI2_2DOF_95."""
+    error = np.asarray(estimated_xy, np.float64) - np.asarray(true_xy, np.float64)
+    return np.einsum("ni,ni->n", error, np.linalg.solve(np.asarray(covariances, np.float64), error[..., None])[..., 0])

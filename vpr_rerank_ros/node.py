@@ -36,9 +36,10 @@ from rclpy.clock import Clock, ClockType
 from rclpy.event_handler import SubscriptionEventCallbacks, UnsupportedEventTypeError
 from rclpy.exceptions import InvalidParameterTypeException, ParameterException
 from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
+from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.node import Node
 from rclpy.parameter import Parameter
-from rclpy.qos import qos_profile_sensor_data
+from rclpy.qos import QoSPolicyKind, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
 from rclpy.task import Future
 from rclpy.utilities import remove_ros_args
 from nav_msgs.msg import Odometry
@@ -47,11 +48,12 @@ from std_srvs.srv import Trigger
 from visualization_msgs.msg import Marker, MarkerArray
 
 from .descriptors.extract import pick_device
-from .frames import COUNTERS, DIAGNOSTICS_PERIOD_S, GPS_MAX_AGE_S, HEADING_MAX_AGE_S, STATUS_NAME, fresh_fix
+from .frames import (COUNTERS, DIAGNOSTICS_PERIOD_S, GPS_MAX_AGE_S, HEADING_MAX_AGE_S, ODOMETRY_MAX_AGE_S,
+                     STATUS_NAME, fresh_fix)
 from .geo import EnuFrame, heading_to_yaw, meridian_convergence_deg, quaternion_yaw, yaw_to_heading
 from .images import ImageError, decode_image_message
 from .localizer import Localizer, LocalizerSettings, check_candidates, hint_from_fix
-from .tracking import PoseFilter, track
+from .tracking import PoseFilter, body_velocity_to_map, track
 from .mapbuild import map_model
 from .mapdb import MapBundle, MapError
 from .rerank import Reranker, available_rerankers, build_reranker
@@ -71,6 +73,9 @@ PARAMETERS = {  # name: (default, description); every one is documented in confi
     "pose_matches": (5, "top re-ranked matches that form the pose estimate"),
     "compressed": (False, "subscribe to <image>/compressed (CompressedImage, image_transport's naming) instead "
                           "of image (Image)"),
+    "image_qos_reliability": ("auto", "camera subscription reliability: auto (reliable when every publisher of the "
+                                      "topic is, else best effort), reliable or best_effort"),
+    "image_qos_depth": (5, "camera subscription history depth (frames held by the middleware for the node)"),
     "map_frame": ("map", "frame_id of ~/pose and ~/matches (~/fix carries the camera image's)"),
     "output": ("enu", "pose coordinates: 'enu' (metres from datum) or 'utm' (the map's zone)"),
     "datum_lat": (float("nan"), "ENU datum latitude; NaN = the map's centre"),
@@ -96,14 +101,20 @@ PARAMETERS = {  # name: (default, description); every one is documented in confi
                         "is the vehicle's"),
     "camera_y_m": (0.0, "the camera's position in the vehicle's body frame, left of its origin (metres)"),
     "heading_max_age_s": (HEADING_MAX_AGE_S, "headings further than this from the image stamp are ignored"),
+    "odometry": (False, "with filter: the velocity of nav_msgs/Odometry on 'odom' (twist in the vehicle's body frame), "
+                        "rotated into the map by the frame's estimated heading, replaces the constant-velocity guess"),
+    "odometry_max_age_s": (ODOMETRY_MAX_AGE_S, "odometry further than this from the image stamp is not used"),
 }
 HEADING_SOURCES = {"none": None, "imu": Imu, "odometry": Odometry}
+RELIABILITY = {"reliable": ReliabilityPolicy.RELIABLE, "best_effort": ReliabilityPolicy.BEST_EFFORT}
+LARGE_FRAMES_PROFILE = "config/fastdds_large_frames.xml"   # in the package's share folder (docs/deployment.md)
 TAKES = {bool: "true or false", int: "an integer", float: "a number with a decimal point (such as 10.0)",
          str: "a string"}   # what a parameter of each default's type takes, for the error naming a wrong one
 RUN_TIME = ("reranker", "reranker_params", "top_k", "pose_matches", "publish_matches")   # the rest are read-only
 RANGES = {"top_k": (1, INT_MAX), "pose_matches": (1, INT_MAX), "rate_hz": (POSITIVE, math.inf),
           "gps_max_age_s": (0.0, math.inf), "gps_radius_m": (POSITIVE, math.inf),
-          "heading_max_age_s": (0.0, math.inf), "camera_yaw_deg": (-360.0, 360.0),
+          "heading_max_age_s": (0.0, math.inf), "odometry_max_age_s": (0.0, math.inf), "image_qos_depth": (1, 100),
+          "camera_yaw_deg": (-360.0, 360.0),
           "camera_x_m": (-100.0, 100.0), "camera_y_m": (-100.0, 100.0)}
 
 
@@ -179,54 +190,126 @@ def image_decoder() -> tuple[str, Callable[[Image | CompressedImage], np.ndarray
     return "cv_bridge", convert
 
 
-class LocalizerNode(Node):
-    def __init__(self, **kwargs) -> None:
-        super().__init__("vpr_localizer", **kwargs)
+def loss_warning(lost: int, received: int, seconds: float, reliability: ReliabilityPolicy) -> str | None:
+    """The warning when the middleware lost `lost` camera frames in the last `seconds` (while `received` arrived),
+    naming the likely cause and the setting that helps; None when it lost none. Lost frames are the gaps in the
+    publisher's sequence numbers: frames that were sent but never arrived whole."""
+    if lost <= 0:
+        return None
+    text = f"{lost} camera frames lost in transport in the last {seconds:.0f} s ({received} received)"
+    if reliability == ReliabilityPolicy.BEST_EFFORT:
+        return (f"{text}: frames sent best effort that are larger than the sender's Fast DDS shared-memory segment "
+                f"(512 KB by default) are lost; start the camera driver with FASTDDS_DEFAULT_PROFILES_FILE set to "
+                f"this package's {LARGE_FRAMES_PROFILE}, or publish the camera reliable (docs/deployment.md)")
+    return (f"{text}: the publisher's history overwrote them before they were delivered (a slow link or CPU); "
+            "raise the publisher's history depth or lower its rate (docs/deployment.md)")
+
+
+class LocalizerCore:
+    """The localiser both node variants are, in the steps of a managed node's life: `configure` (read and check
+    the parameters, load and verify the map and model, create the publishers and ~/reload_map), `activate`
+    (subscribe, start the pipeline thread and diagnostics), `deactivate` (stop them: frames are ignored, no pose
+    is published) and `cleanup` (release the map and model). Mixed into a Node or a LifecycleNode, whose
+    constructor calls `_prepare` first."""
+
+    def _prepare(self) -> None:
+        """Declare the parameters and set up what lives as long as the node; no map, topics or threads yet."""
         self._declare_parameters()
         self.p = {name: self.get_parameter(name).value for name in PARAMETERS}
-        self._validate(self.p)
-        steady = Clock(clock_type=ClockType.STEADY_TIME)
+        self.steady = Clock(clock_type=ClockType.STEADY_TIME)
         # rclpy throttles each place that logs separately, on this clock (its default is the system clock)
-        self.throttled = {"throttle_duration_sec": WARN_PERIOD_S, "throttle_time_source_type": steady}
-        self.localizer, self.enu = self._load_localizer()
-        self.tracker = PoseFilter() if self.p["filter"] else None
+        self.throttled = {"throttle_duration_sec": WARN_PERIOD_S, "throttle_time_source_type": self.steady}
         self.conversion, self.decode = image_decoder()
         self.lock = threading.Lock()
         self.wake = threading.Condition(self.lock)   # a frame arrived, or the node stops
         self.pipeline = threading.Lock()             # held while localising: what it uses is swapped between frames
-        # The reconfiguration thread: map reloads and re-ranker swaps in the order asked for, so a re-ranker is
-        # always prepared for the localizer it is swapped into.
-        self.jobs = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vpr_localizer reconfigure")
-        self.running = True
+        self.localizer = self.enu = self.tracker = None
+        self.jobs = None            # the reconfiguration thread, while configured
+        self.worker = None          # the pipeline thread, while active
+        self.running = False
         self.latest = None          # the newest frame not yet processed
         self.fix = None             # (lat, lon, sigma, stamp seconds)
         self.heading = None         # (compass degrees of the camera, stamp seconds)
+        self.odometry = None        # (forward m/s, left m/s, 2x2 covariance, stamp seconds)
         self.stats = {**dict.fromkeys(COUNTERS, 0), "last_latency": {}, "gps": "no frame yet",
-                      "heading": "no frame yet"}
-        self._rate_base = (time.monotonic(), 0, 0)   # (time, received, processed) at the last diagnostics
-        image_type, topic = self._image_topic()
-        try:
-            self.create_subscription(image_type, topic, self._on_image, qos_profile_sensor_data,
-                                     event_callbacks=SubscriptionEventCallbacks(message_lost=self._on_lost))
-        except UnsupportedEventTypeError:   # a middleware that cannot report lost messages: "lost" stays 0
-            self.create_subscription(image_type, topic, self._on_image, qos_profile_sensor_data)
-        self.create_subscription(NavSatFix, "gps/fix", self._on_fix, qos_profile_sensor_data)
-        if HEADING_SOURCES[self.p["heading_source"]] is not None:
-            self.create_subscription(HEADING_SOURCES[self.p["heading_source"]], "heading", self._on_heading,
-                                     qos_profile_sensor_data)
+                      "heading": "no frame yet", "velocity": "no frame yet"}
+        self.lost_before = 0        # frames lost by earlier camera subscriptions (each counts from 0)
+        self.publishers_made, self.reload_service = [], None       # made by configure
+        self.image_sub, self.inputs, self.diag_timer = None, [], None   # made by activate
+        self.add_on_set_parameters_callback(self._on_parameters)
+
+    def configure(self) -> None:
+        """Read and check the parameters, load and verify the map and model, create the publishers and
+        ~/reload_map. A bad parameter, map or model raises ValueError (MapError) or OSError naming it, and then
+        nothing is kept."""
+        p = {name: self.get_parameter(name).value for name in PARAMETERS}
+        self._validate(p)
+        self.p = p
+        self.localizer, self.enu = self._load_localizer()
+        self.tracker = PoseFilter() if self.p["filter"] else None
+        # The reconfiguration thread: map reloads and re-ranker swaps in the order asked for, so a re-ranker is
+        # always prepared for the localizer it is swapped into.
+        self.jobs = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vpr_localizer reconfigure")
         self.pose_pub = self.create_publisher(PoseWithCovarianceStamped, "~/pose", 10)
         self.fix_pub = self.create_publisher(NavSatFix, "~/fix", 10)
         self.diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
         self.match_pub = self.create_publisher(MarkerArray, "~/matches", 10)
-        self.create_service(Trigger, "~/reload_map", self._on_reload, callback_group=MutuallyExclusiveCallbackGroup())
-        self.add_on_set_parameters_callback(self._on_parameters)
-        self.create_timer(DIAGNOSTICS_PERIOD_S, self._diagnostics, clock=steady)
+        self.publishers_made = [self.pose_pub, self.fix_pub, self.diag_pub, self.match_pub]
+        self.reload_service = self.create_service(Trigger, "~/reload_map", self._on_reload,
+                                                  callback_group=MutuallyExclusiveCallbackGroup())
+        self.get_logger().info(f"loaded {len(self.localizer.bundle)} map images with {self.p['reranker']} on "
+                               f"{self.localizer.device}, descriptor with {self.p['backend']}; images converted "
+                               f"with {self.conversion}; temporal filter {'on' if self.tracker else 'off'}"
+                               f"{' with odometry' if self.p['odometry'] else ''}")
+
+    def activate(self) -> None:
+        """Subscribe to the camera, GPS, heading and odometry topics (those configured) and start the pipeline
+        thread and diagnostics."""
+        self._subscribe_images(self._image_reliability())
+        self.inputs = [self.create_subscription(NavSatFix, "gps/fix", self._on_fix, qos_profile_sensor_data)]
+        if HEADING_SOURCES[self.p["heading_source"]] is not None:
+            self.inputs.append(self.create_subscription(HEADING_SOURCES[self.p["heading_source"]], "heading",
+                                                        self._on_heading, qos_profile_sensor_data))
+        if self.p["odometry"]:
+            self.inputs.append(self.create_subscription(Odometry, "odom", self._on_odometry, qos_profile_sensor_data))
+        self.diag_timer = self.create_timer(DIAGNOSTICS_PERIOD_S, self._diagnostics, clock=self.steady)
+        with self.lock:
+            self._rate_base = (time.monotonic(), self.stats["received"], self.stats["processed"], self.stats["lost"])
+        self.running = True
         self.worker = threading.Thread(target=self._work, name="vpr_localizer pipeline", daemon=True)
         self.worker.start()
-        self.get_logger().info(f"localising against {len(self.localizer.bundle)} map images with "
-                               f"{self.p['reranker']} on {self.localizer.device}, descriptor with "
-                               f"{self.p['backend']}; images converted with "
-                               f"{self.conversion}; temporal filter {'on' if self.tracker else 'off'}")
+        self.get_logger().info(f"localising frames from {self.resolve_topic_name(self._image_topic()[1])}")
+
+    def deactivate(self) -> None:
+        """Stop the pipeline thread (after the frame in hand) and unsubscribe: frames are ignored and no pose is
+        published until `activate`. Nothing to do when not active."""
+        if self.worker is None:
+            return
+        with self.wake:
+            self.running = False
+            self.wake.notify()
+        self.worker.join()
+        self.worker = None
+        self.destroy_timer(self.diag_timer)
+        for subscription in [self.image_sub, *self.inputs]:
+            self.destroy_subscription(subscription)
+        self.image_sub, self.inputs, self.diag_timer = None, [], None
+        with self.lock:
+            self.latest = None
+
+    def cleanup(self) -> None:
+        """Deactivate, end the reconfiguration thread (after the job in hand; queued ones are dropped) and
+        release the map, model, publishers and ~/reload_map. Nothing to do when not configured."""
+        self.deactivate()
+        if self.jobs is None:
+            return
+        self.jobs.shutdown(cancel_futures=True)
+        self.jobs = None
+        self.destroy_service(self.reload_service)
+        for publisher in self.publishers_made:
+            self.destroy_publisher(publisher)
+        self.publishers_made, self.reload_service = [], None
+        self.localizer = self.enu = self.tracker = None
 
     # ------------------------------------------------------------------ set-up
 
@@ -259,6 +342,11 @@ class LocalizerNode(Node):
                              f"{p['heading_source']!r}")
         if p["pose_matches"] > p["top_k"]:
             raise ValueError(f"need pose_matches <= top_k, got pose_matches {p['pose_matches']}, top_k {p['top_k']}")
+        if p["image_qos_reliability"] not in ("auto", *RELIABILITY):
+            raise ValueError(f"parameter image_qos_reliability must be auto, {' or '.join(RELIABILITY)}, got "
+                             f"{p['image_qos_reliability']!r}")
+        if p["odometry"] and not p["filter"]:
+            raise ValueError("parameter odometry: true feeds the temporal filter: it needs filter: true")
         reranker_params(p["reranker_params"])
 
     @staticmethod
@@ -299,8 +387,23 @@ class LocalizerNode(Node):
             self.wake.notify()
 
     def _on_lost(self, info) -> None:
-        with self.lock:
-            self.stats["lost"] = info.total_count   # frames the middleware lost before they reached the node
+        with self.lock:   # frames the middleware lost before they reached the node, since the first subscription
+            self.stats["lost"] = self.lost_before + info.total_count
+
+    def _on_matched(self, info) -> None:
+        """A camera publisher came or went: with image_qos_reliability auto, follow it now."""
+        if self.p["image_qos_reliability"] == "auto":
+            self._follow_publishers()
+
+    def _on_incompatible(self, info) -> None:
+        if self.p["image_qos_reliability"] == "auto":
+            self._follow_publishers()
+            return
+        policy = QoSPolicyKind(int(info.last_policy_kind)).name.lower()
+        self.get_logger().warning(
+            f"a publisher of {self.image_sub.topic_name} is not matched: its {policy} QoS "
+            f"is incompatible with this {self.image_qos.reliability.name.lower()} subscription's, so none of its "
+            f"frames arrive; set image_qos_reliability: auto", **self.throttled)
 
     def _on_fix(self, msg: NavSatFix) -> None:
         hint = hint_from_fix(msg)
@@ -336,6 +439,21 @@ class LocalizerNode(Node):
             self.heading = (compass, msg.header.stamp.sec + msg.header.stamp.nanosec * 1e-9)
             self.stats["headings"] += 1
 
+    def _on_odometry(self, msg: Odometry) -> None:
+        """The vehicle's velocity in its body frame (the twist is in child_frame_id, REP-105) and its covariance."""
+        twist = msg.twist.twist.linear
+        covariance = np.asarray(msg.twist.covariance, dtype=np.float64).reshape(6, 6)[:2, :2]
+        if not (math.isfinite(twist.x) and math.isfinite(twist.y) and np.isfinite(covariance).all()
+                and covariance[0, 0] >= 0 and covariance[1, 1] >= 0):
+            with self.lock:
+                self.stats["bad_odometry"] += 1
+            self.get_logger().warning(f"ignoring odometry: its linear velocity ({twist.x}, {twist.y}) or the "
+                                      "covariance of it is not finite, or a variance is negative", **self.throttled)
+            return
+        with self.lock:
+            self.odometry = (twist.x, twist.y, covariance, msg.header.stamp.sec + msg.header.stamp.nanosec * 1e-9)
+            self.stats["odometry"] += 1
+
     def _work(self) -> None:
         """The pipeline thread: wait for a frame, localise the newest one; at most `rate_hz` frames a second
         (steady clock: a compute budget, not ROS time)."""
@@ -350,19 +468,10 @@ class LocalizerNode(Node):
                 self._process()
             time.sleep(max(0.0, period - (time.monotonic() - started)))
 
-    def stop(self) -> None:
-        """End the pipeline thread (after the frame in hand) and the reconfiguration thread (after the job in
-        hand; queued ones are dropped)."""
-        with self.wake:
-            self.running = False
-            self.wake.notify()
-        self.worker.join()
-        self.jobs.shutdown(cancel_futures=True)
-
     def _process(self) -> None:
         with self.lock:
             msg, self.latest = self.latest, None
-            fix, heading = self.fix, self.heading
+            fix, heading, odometry = self.fix, self.heading, self.odometry
         if msg is None:
             return
         start = time.perf_counter()
@@ -393,18 +502,21 @@ class LocalizerNode(Node):
             self.get_logger().warning(f"skipping frame: {type(exc).__name__} while localising: {exc}",
                                       **self.throttled)
             return
-        zone, rejected = self.localizer.bundle.table.zone, False
+        zone, rejected, weak = self.localizer.bundle.table.zone, False, False
         vehicle = result.of_vehicle(self.p["camera_x_m"], self.p["camera_y_m"], self.p["camera_yaw_deg"], zone)
+        velocity, velocity_note = self._velocity(odometry, stamp, vehicle.heading, vehicle.heading_variance)
         if self.tracker is not None:
-            vehicle, filtered = track(self.tracker, vehicle, zone)
-            rejected = not filtered.accepted
+            vehicle, filtered = track(self.tracker, vehicle, zone, velocity)
+            rejected, weak = not (filtered.accepted or filtered.weak), filtered.weak
         self._publish(msg.header, vehicle, result)
         with self.lock:
             self.stats["processed"] += 1
             self.stats["filter_rejected"] += rejected
+            self.stats["filter_weak"] += weak
             self.stats["last_latency"] = {**result.timings, "total": time.perf_counter() - start}
             self.stats["gps"] = result.gps_note if hint is not None else gps_note
             self.stats["heading"] = heading_note
+            self.stats["velocity"] = velocity_note
 
     def _image_topic(self) -> tuple[type, str]:
         """The camera subscription, by image_transport's naming: `image`, or with `compressed` its sibling
@@ -416,6 +528,59 @@ class LocalizerNode(Node):
         if explicit != self.resolve_topic_name("image/compressed", only_expand=True):
             return CompressedImage, explicit
         return CompressedImage, self.resolve_topic_name("image") + "/compressed"
+
+    def _image_reliability(self) -> ReliabilityPolicy:
+        """The camera subscription's reliability: image_qos_reliability's, or with auto reliable when every publisher
+        now on the topic is (retransmissions deliver large frames that best effort loses), else best effort (which
+        matches any publisher)."""
+        if self.p["image_qos_reliability"] != "auto":
+            return RELIABILITY[self.p["image_qos_reliability"]]
+        offered = [info.qos_profile.reliability
+                   for info in self.get_publishers_info_by_topic(self.resolve_topic_name(self._image_topic()[1]))]
+        reliable = offered and all(r == ReliabilityPolicy.RELIABLE for r in offered)
+        return ReliabilityPolicy.RELIABLE if reliable else ReliabilityPolicy.BEST_EFFORT
+
+    def _subscribe_images(self, reliability: ReliabilityPolicy) -> None:
+        """(Re)create the camera subscription: keep-last image_qos_depth frames, volatile, `reliability`."""
+        if self.image_sub is not None:
+            self.destroy_subscription(self.image_sub)
+        with self.lock:
+            self.lost_before = self.stats["lost"]
+        self.image_qos = QoSProfile(depth=self.p["image_qos_depth"], reliability=reliability)
+        image_type, topic = self._image_topic()
+        events = SubscriptionEventCallbacks(message_lost=self._on_lost, incompatible_qos=self._on_incompatible,
+                                            matched=self._on_matched)
+        try:
+            self.image_sub = self.create_subscription(image_type, topic, self._on_image, self.image_qos,
+                                                      event_callbacks=events)
+        except UnsupportedEventTypeError:   # a middleware that cannot report lost messages: "lost" stays 0
+            self.image_sub = self.create_subscription(image_type, topic, self._on_image, self.image_qos)
+
+    def _follow_publishers(self) -> None:
+        """With image_qos_reliability auto, re-subscribe when the camera's publishers call for the other
+        reliability (checked when one is matched or found incompatible, and at every diagnostics period)."""
+        reliability = self._image_reliability()
+        if reliability != self.image_qos.reliability:
+            self._subscribe_images(reliability)
+            self.get_logger().info(f"camera subscription to {self.image_sub.topic_name} now "
+                                   f"{reliability.name.lower()}, as its publishers offer")
+
+    def _velocity(self, odometry: tuple | None, stamp: float, heading: float,
+                  heading_variance: float) -> tuple[tuple | None, str]:
+        """The velocity the filter takes for a frame stamped `stamp` whose vehicle heading is estimated as
+        `heading` (grid compass degrees, `heading_variance` deg^2): the newest odometry's, rotated into the map
+        (None when there is none fit to use), and why."""
+        if not self.p["odometry"]:
+            return None, "not used (odometry false)"
+        if odometry is None:
+            return None, "no odometry received"
+        if not fresh_fix(odometry[3], stamp, self.p["odometry_max_age_s"]):
+            return None, f"newest odometry is {abs(stamp - odometry[3]):.2f} s from the image stamp: not used"
+        if not math.isfinite(heading_variance):
+            return None, "the frame's heading is unknown, so odometry cannot be rotated into the map: not used"
+        velocity = body_velocity_to_map(*odometry[:3], heading, heading_variance)
+        return velocity, (f"{float(np.hypot(*velocity[0])):.2f} m/s from odometry, rotated by the estimated "
+                          f"heading {heading:.1f} deg (grid)")
 
     def _heading_hint(self, heading: tuple[float, float] | None, stamp: float) -> tuple[float | None, str]:
         """The compass heading hint for a frame stamped `stamp` (None when there is none), and why."""
@@ -479,15 +644,23 @@ class LocalizerNode(Node):
         return markers
 
     def _diagnostics(self) -> None:
+        """The diagnostics period: follow the camera's publishers (image_qos_reliability auto), then report."""
+        if self.p["image_qos_reliability"] == "auto":
+            self._follow_publishers()
         with self.lock:
             stats = dict(self.stats)
         localizer = self.localizer
         now = time.monotonic()
-        since, received, processed = self._rate_base
-        self._rate_base = (now, stats["received"], stats["processed"])
+        since, received, processed, lost = self._rate_base
+        self._rate_base = (now, stats["received"], stats["processed"], stats["lost"])
         status = DiagnosticStatus(name=STATUS_NAME, hardware_id=str(localizer.device))
         status.level = DiagnosticStatus.OK if stats["processed"] else DiagnosticStatus.WARN
         status.message = "localising" if stats["processed"] else "waiting for images"
+        loss = loss_warning(stats["lost"] - lost, stats["received"] - received, now - since,
+                            self.image_qos.reliability)
+        if loss:
+            status.level, status.message = DiagnosticStatus.WARN, loss
+            self.get_logger().warning(loss, **self.throttled)
         untrained = localizer.reranker.untrained_warning()
         if untrained:   # only with allow_untrained: loud at every period
             status.level, status.message = DiagnosticStatus.WARN, untrained
@@ -496,7 +669,8 @@ class LocalizerNode(Node):
                   "image_conversion": self.conversion, **{k: stats[k] for k in COUNTERS},
                   "received_hz": f"{(stats['received'] - received) / (now - since):.2f}",
                   "processed_hz": f"{(stats['processed'] - processed) / (now - since):.2f}",
-                  "gps": stats["gps"], "heading": stats["heading"],
+                  "gps": stats["gps"], "heading": stats["heading"], "velocity": stats["velocity"],
+                  "image_qos": f"{self.image_qos.reliability.name.lower()}, depth {self.image_qos.depth}",
                   **{f"latency_{k}_ms": f"{v * 1e3:.1f}" for k, v in stats["last_latency"].items()}}
         status.values = [KeyValue(key=k, value=str(v)) for k, v in values.items()]
         array = DiagnosticArray(status=[status])
@@ -535,7 +709,10 @@ class LocalizerNode(Node):
     def _on_parameters(self, params) -> SetParametersResult:
         """Check a run-time change (rclpy has refused read-only parameters and values out of range) and queue it
         on the reconfiguration thread. A new re-ranker is built and checked against the map here (for a learned
-        one that loads its weights), so a bad name, parameter or model is refused with the reason."""
+        one that loads its weights), so a bad name, parameter or model is refused with the reason. A managed node
+        not configured yet takes any value rclpy allows: `configure` reads and checks them all."""
+        if self.localizer is None:
+            return SetParametersResult(successful=True)
         changed = {p.name: p.value for p in params if p.name in PARAMETERS and p.value != self.p[p.name]}
         if "reranker" in changed and "reranker_params" not in changed:
             changed["reranker_params"] = "{}"    # another re-ranker alone: its own defaults, not the old one's
@@ -584,9 +761,72 @@ class LocalizerNode(Node):
             self.localizer.settings = self._settings(self.p, len(self.localizer.bundle))
 
 
+class LocalizerNode(LocalizerCore, Node):
+    """vpr_localizer for simple use: configured and active from its construction (which raises on a bad
+    parameter, map or model) until `cleanup`."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__("vpr_localizer", **kwargs)
+        self._prepare()
+        self.configure()
+        self.activate()
+
+
+class ManagedLocalizerNode(LocalizerCore, LifecycleNode):
+    """vpr_localizer as a managed (lifecycle) node, driven through ~/change_state as nav2's lifecycle manager
+    does: configure loads and verifies the map and model (a failure is logged and leaves it unconfigured),
+    activate starts localising, deactivate stops, cleanup releases the map and model, shutdown works from any
+    state."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__("vpr_localizer", **kwargs)
+        self._prepare()
+
+    def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
+        try:
+            self.configure()
+        except (OSError, ValueError) as exc:   # MapError is a ValueError
+            self.get_logger().error(f"configure failed, the node stays unconfigured: {exc}")
+            return TransitionCallbackReturn.FAILURE
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self.activate()
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self.deactivate()
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self.cleanup()
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self.cleanup()
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_error(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self.cleanup()   # back to unconfigured
+        return TransitionCallbackReturn.SUCCESS
+
+
 def main(args: list[str] | None = None) -> int:
-    """Run the node until Ctrl-C or shutdown. Exit codes as the CLIs': 0 (also for --help), 1 a bad parameter,
-    map or model (one line naming it), 2 bad usage (malformed ROS arguments, arguments the node does not take)."""
+    """`vpr_localizer`: run the node until Ctrl-C or shutdown. Exit codes as the CLIs': 0 (also for --help), 1 a
+    bad parameter, map or model (one line naming it), 2 bad usage (malformed ROS arguments, arguments the node
+    does not take)."""
+    return run(LocalizerNode, args)
+
+
+def main_managed(args: list[str] | None = None) -> int:
+    """`vpr_localizer_managed`: the managed node, unconfigured until its lifecycle is driven; exit codes as
+    `main`'s (1 only for a parameter of the wrong type: a bad map or model fails the configure transition)."""
+    return run(ManagedLocalizerNode, args)
+
+
+def run(node_type: type[LocalizerNode] | type[ManagedLocalizerNode], args: list[str] | None) -> int:
+    """Start a `node_type` with the command line `args` (sys.argv when None) and spin it until Ctrl-C or
+    shutdown."""
     args = sys.argv if args is None else args
     try:
         rclpy.init(args=args)
@@ -603,12 +843,13 @@ def main(args: list[str] | None = None) -> int:
               "(vpr_localizer --help lists them)", file=sys.stderr)
         return 2
     try:
-        node = LocalizerNode()
+        node = node_type()
     except (MapError, OSError, ValueError, ParameterException) as exc:
         print(f"vpr_localizer: {exc}", file=sys.stderr)
         rclpy.try_shutdown()
         return 1
-    # Every callback is short: the pipeline and reconfiguration have their own threads, ~/reload_map awaits its job.
+    # Every callback is short: the pipeline and reconfiguration have their own threads, ~/reload_map awaits its
+    # job (a managed node's configure, which loads the map, is the exception).
     executor = SingleThreadedExecutor()
     executor.add_node(node)
     try:
@@ -616,7 +857,7 @@ def main(args: list[str] | None = None) -> int:
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     finally:
-        node.stop()
+        node.cleanup()
         executor.shutdown()
         node.destroy_node()
         rclpy.try_shutdown()

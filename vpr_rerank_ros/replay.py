@@ -6,6 +6,7 @@ GPS fix, jumps between consecutive frames), formatted by `format_report`."""
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,11 +17,15 @@ from .frames import GPS_MAX_AGE_S, fresh_fix
 from .geo import UtmZone, latlon_to_utm
 from .images import ImageError, decode_image_message
 from .localizer import Localizer, hint_from_fix
+from .mapdb import MapTable
 from .metrics import calibration, localization_errors
 from .tracking import PoseFilter, track
 from .truth import TruthFrame, TruthTrack, read_truth
 
 OUTSIDE_TRUTH = "outside the ground truth's time span"
+# Per-frame latency, ms: the Localizer's stages, "total" = decode to pose (as the node's diagnostics report it) and,
+# in live replays, "end_to_end" = image published to pose received.
+STAGES = ("descriptor", "retrieval", "reranking", "pose", "total", "end_to_end")
 
 
 @dataclass(frozen=True)
@@ -81,7 +86,7 @@ def skip_reason(truth: TruthTrack | None, stamp: int) -> str | None:
 @dataclass
 class FrameEstimate:
     """What one camera frame produced: the position estimate (NaN when none came) and the ranked match
-    positions, all in the map's UTM zone."""
+    positions, all in the map's UTM zone, and how long it took."""
 
     stamp: int                                    # header stamp, ns
     easting: float
@@ -90,6 +95,7 @@ class FrameEstimate:
     confidence: float = float("nan")
     gps_used: bool | None = None                  # None: not known (the node does not publish it)
     covariance: np.ndarray | None = None          # (2, 2) m^2 of the estimate; None: not known
+    latency_ms: dict = field(default_factory=dict)   # STAGES -> ms of this frame; a stage not measured is absent
 
 
 @dataclass
@@ -98,11 +104,13 @@ class ReplayReport:
     skipped: dict                      # stamp -> reason
     errors: dict | None                # metrics.localization_errors; None: the bag has no ground truth
     recall: dict | None                # recall@k: a match within `radius` of the truth among the top k
-    latency_ms: dict                   # median per stage
+    latency_ms: dict                   # median per stage (STAGES) over the frames that measured it
     gps_used: int | None               # frames whose retrieval used the GPS hint; None: not known
     consistency: dict = field(default_factory=dict)   # `consistency`
     calibration: dict | None = None    # metrics.calibration of the estimates' covariances against the truth
-    rows: list = field(default_factory=list)   # per frame: stamp, estimate, truth, error, distance to GPS
+    rows: list = field(default_factory=list)   # per frame (`score_frames`), NaN where not known
+    gps: GpsTrack | None = None        # the bag's GPS fixes, whether or not they were used as hints
+    map_table: MapTable | None = None  # the map's images (positions, UTM zone)
 
 
 def consistency(estimates: np.ndarray, gps_xy: np.ndarray) -> dict:
@@ -125,12 +133,14 @@ def _spread(name: str, values: np.ndarray, which: tuple[str, ...]) -> dict:
             **{f"{name}_{w}": float(np.quantile(values, quantiles[w], method="inverted_cdf")) for w in which}}
 
 
-def score_frames(frames: list[FrameEstimate], truth: TruthTrack | None, skipped: dict, latency_ms: dict,
-                 gps: GpsTrack | None = None, gps_max_age_s: float = GPS_MAX_AGE_S, radius: float = 25.0,
-                 ks=(1, 5, 10)) -> ReplayReport:
+def score_frames(frames: list[FrameEstimate], truth: TruthTrack | None, skipped: dict, gps: GpsTrack | None = None,
+                 gps_max_age_s: float = GPS_MAX_AGE_S, radius: float = 25.0, ks=(1, 5, 10),
+                 map_table: MapTable | None = None) -> ReplayReport:
     """Score frame estimates against the truth interpolated to their stamps (every frame within its span,
-    `skip_reason`), or only for consistency when `truth` is None. A ValueError when no frame is left, naming
-    the two time spans when the truth and the camera do not overlap."""
+    `skip_reason`), or only for consistency when `truth` is None; median latency per stage. One row per frame:
+    stamp, estimate, truth, error, distance to the fresh GPS fix, confidence, GPS hint used, covariance
+    (`row_covariance`) and `<stage>_ms` for each stage some frame measured. A ValueError when no frame is left,
+    naming the two time spans when the truth and the camera do not overlap."""
     if not frames:
         camera = sorted(skipped)
         if truth is not None and camera and all(r == OUTSIDE_TRUTH for r in skipped.values()):
@@ -143,6 +153,7 @@ def score_frames(frames: list[FrameEstimate], truth: TruthTrack | None, skipped:
     gps_xy = np.array([(gps.near(f.stamp, gps_max_age_s) if gps is not None else None) or nan for f in frames],
                       np.float64)
     hits, rows = {k: 0 for k in ks}, []
+    stages = [s for s in STAGES if any(s in f.latency_ms for f in frames)]
     for f, t_xy, g_xy in zip(frames, true_xy, gps_xy):
         distances = [math.hypot(x - t_xy[0], y - t_xy[1]) for x, y in f.matches_xy]
         for k in ks:
@@ -150,18 +161,31 @@ def score_frames(frames: list[FrameEstimate], truth: TruthTrack | None, skipped:
         rows.append({"stamp": f.stamp, "easting": f.easting, "northing": f.northing, "true_easting": t_xy[0],
                      "true_northing": t_xy[1], "error_m": math.hypot(f.easting - t_xy[0], f.northing - t_xy[1]),
                      "gps_distance_m": math.hypot(f.easting - g_xy[0], f.northing - g_xy[1]),
-                     "confidence": f.confidence, "gps_used": f.gps_used})
+                     "confidence": f.confidence, "gps_used": f.gps_used, **_covariance_columns(f.covariance),
+                     **{f"{s}_ms": f.latency_ms.get(s, math.nan) for s in stages}})
     known = [f.gps_used for f in frames if f.gps_used is not None]
     n = len(frames)
     with_cov = [i for i, f in enumerate(frames) if f.covariance is not None and np.isfinite(estimates[i]).all()]
     return ReplayReport(frames=n, skipped=skipped,
                         errors=localization_errors(estimates, true_xy) if truth is not None else None,
                         recall={f"recall@{k}": hits[k] / n for k in ks} if truth is not None else None,
-                        latency_ms=latency_ms, gps_used=sum(known) if known else None,
-                        consistency=consistency(estimates, gps_xy), rows=rows,
+                        latency_ms={s: float(np.nanmedian([r[f"{s}_ms"] for r in rows])) for s in stages},
+                        gps_used=sum(known) if known else None, consistency=consistency(estimates, gps_xy),
+                        rows=rows, gps=gps, map_table=map_table,
                         calibration=calibration(estimates[with_cov], true_xy[with_cov],
                                                 [frames[i].covariance for i in with_cov])
                         if truth is not None and with_cov else None)
+
+
+def _covariance_columns(covariance: np.ndarray | None) -> dict:
+    """A frame's (2, 2) position covariance as the row's cov_ee, cov_en, cov_nn (m^2; NaN when not known)."""
+    c = np.full((2, 2), math.nan) if covariance is None else covariance
+    return {"cov_ee": float(c[0, 0]), "cov_en": float(c[0, 1]), "cov_nn": float(c[1, 1])}
+
+
+def row_covariance(row: dict) -> np.ndarray:
+    """The (2, 2) position covariance of a report row (NaN when not known)."""
+    return np.array([[row["cov_ee"], row["cov_en"]], [row["cov_en"], row["cov_nn"]]], np.float64)
 
 
 def replay_bag(path: str | Path, localizer: Localizer, request: ReplayInput = ReplayInput(), use_gps: bool = True,
@@ -173,7 +197,7 @@ def replay_bag(path: str | Path, localizer: Localizer, request: ReplayInput = Re
     zone = localizer.bundle.table.zone
     topics, truth = open_drive(path, request, zone)
     gps = GpsTrack.read(path, topics.gps, zone) if topics.gps else None
-    fix, frames, skipped, timings = None, [], {}, {}
+    fix, frames, skipped = None, [], {}
     hints = {topics.gps} if use_gps and topics.gps else set()
     for topic, msgtype, _, raw in iter_bag(path, {topics.image} | hints):
         msg = TYPESTORE.deserialize_cdr(raw, msgtype)
@@ -186,6 +210,7 @@ def replay_bag(path: str | Path, localizer: Localizer, request: ReplayInput = Re
         if reason is not None:
             skipped[stamp] = reason
             continue
+        start = time.perf_counter()
         try:
             rgb = decode_image_message(msg)
         except ImageError as exc:
@@ -194,16 +219,14 @@ def replay_bag(path: str | Path, localizer: Localizer, request: ReplayInput = Re
         fresh = use_gps and fix is not None and fresh_fix(fix[3] * 1e-9, stamp * 1e-9, gps_max_age_s)
         hint = fix[:3] if fresh else None
         result = localizer.localize(rgb, gps_hint=hint, stamp=stamp * 1e-9)
-        for name, seconds in result.timings.items():
-            timings.setdefault(name, []).append(seconds)
         if tracker is not None:
             result = track(tracker, result, zone)[0]
+        latency_ms = {**{k: v * 1e3 for k, v in result.timings.items()}, "total": (time.perf_counter() - start) * 1e3}
         frames.append(FrameEstimate(stamp, result.easting, result.northing,
                                     [(m.easting, m.northing) for m in result.matches], result.confidence,
-                                    result.gps_used, result.position_covariance))
-    latency_ms = {k: float(np.median(v)) * 1e3 for k, v in timings.items()}
+                                    result.gps_used, result.position_covariance, latency_ms))
     try:
-        return score_frames(frames, truth, skipped, latency_ms, gps, gps_max_age_s, radius, ks)
+        return score_frames(frames, truth, skipped, gps, gps_max_age_s, radius, ks, localizer.bundle.table)
     except ValueError as exc:
         raise ValueError(f"{path}: {exc}") from None
 

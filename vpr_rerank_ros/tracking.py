@@ -1,7 +1,9 @@
 """Filtering a drive's position estimates over time: a Kalman filter on (x, y, vx, vy) with a constant-velocity
 motion model (or velocities from odometry when given), Mahalanobis gating of each new estimate, and a restart at
 the newest estimate after a run of rejections (the vehicle was moved, or the filter locked onto a wrong place).
-ROS-free: the node and the replay tool both use it. Positions are metres in one planar frame (UTM or ENU)."""
+Weak estimates (vaguer than `weak_sigma_m` and than `fuse_below` of the prediction) are not fused: a place that
+is ambiguous stays ambiguous for many frames in a row, so their errors are not independent, and fusing them would
+shrink the covariance without evidence. ROS-free: the node and the replay tool both use it. Positions are metres in one planar frame (UTM or ENU)."""
 from __future__ import annotations
 
 import math
@@ -9,7 +11,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from .geo import UtmZone, utm_to_latlon
+from .geo import UtmZone, heading_to_yaw, utm_to_latlon
 from .localizer import Localization
 from .metrics import CHI2_2DOF_95
 
@@ -23,9 +25,11 @@ class FilterSettings:
     gate: float = 4 * CHI2_2DOF_95     # squared Mahalanobis distance beyond which an estimate is rejected
     restart_after: int = 4             # consecutive rejections after which the filter restarts at the newest
     max_gap_s: float = 10.0            # a longer gap between estimates restarts the filter
+    weak_sigma_m: float = 25.0         # an estimate vaguer than this (1-sigma, m) says its place is ambiguous ...
+    fuse_below: float = 0.5            # ... and is not fused unless its variance is below this share of the prediction's
 
     def __post_init__(self) -> None:
-        for name in ("accel_sigma", "initial_speed_sigma", "gate", "max_gap_s"):
+        for name in ("accel_sigma", "initial_speed_sigma", "gate", "max_gap_s", "weak_sigma_m", "fuse_below"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"filter {name} must be positive, got {getattr(self, name)}")
         if self.restart_after < 1:
@@ -40,7 +44,8 @@ class Filtered:
     covariance: np.ndarray             # (2, 2) m^2
     accepted: bool                     # the estimate passed the gate and was fused
     restarted: bool                    # the filter started (again) at this estimate
-    distance2: float                   # squared Mahalanobis distance of the estimate (NaN at a restart)
+    distance2: float                   # squared Mahalanobis distance of the estimate (NaN at a restart or weak)
+    weak: bool = False                 # not fused: a weak estimate (FilterSettings.weak_sigma_m, fuse_below)
 
 
 class PoseFilter:
@@ -66,6 +71,9 @@ class PoseFilter:
             raise ValueError(f"estimates must come in time order: {stamp} after {self.stamp}")
         self._predict(dt, velocity)
         self.stamp = stamp
+        weak = max(2 * self.settings.weak_sigma_m ** 2, self.settings.fuse_below * np.trace(self.cov[:2, :2]))
+        if np.trace(covariance) > weak:
+            return Filtered(self.state[:2].copy(), self.cov[:2, :2].copy(), False, False, math.nan, weak=True)
         innovation = xy - self.state[:2]
         s = self.cov[:2, :2] + covariance
         distance2 = float(innovation @ np.linalg.solve(s, innovation))
@@ -103,11 +111,28 @@ class PoseFilter:
         return Filtered(xy.copy(), covariance.copy(), True, True, math.nan)
 
 
-def track(tracker: PoseFilter, result: Localization, zone: UtmZone) -> tuple[Localization, Filtered]:
+def body_velocity_to_map(forward: float, left: float, covariance, heading_deg: float,
+                         heading_variance: float) -> tuple[np.ndarray, np.ndarray]:
+    """A velocity in the vehicle's body frame (REP-103: x forward, y left; m/s with its 2x2 covariance, as an
+    Odometry twist) as the filter takes it, in the map's grid (x east, y north), for a vehicle whose grid heading
+    is `heading_deg` (compass degrees) known to `heading_variance` deg^2: rotated by the heading, whose uncertainty
+    adds variance across the direction of travel (first order)."""
+    yaw = float(heading_to_yaw(heading_deg))
+    c, s = math.cos(yaw), math.sin(yaw)
+    rotation = np.array([[c, -s], [s, c]])
+    body = np.array([forward, left], dtype=np.float64)
+    across = np.array([[-s, -c], [c, -s]]) @ body                          # d(rotation @ body) / d(yaw)
+    covariance = rotation @ np.asarray(covariance, dtype=np.float64) @ rotation.T
+    return rotation @ body, covariance + math.radians(math.sqrt(heading_variance)) ** 2 * np.outer(across, across)
+
+
+def track(tracker: PoseFilter, result: Localization, zone: UtmZone,
+          velocity: tuple | None = None) -> tuple[Localization, Filtered]:
     """A localizer's `result` as the filter sees it after fusing it: the filter's position (lat/lon follow, in the
-    map's `zone`) and covariance; heading, matches and the rest stay the frame's own. The one place where the node
-    and the replay apply the filter."""
-    filtered = tracker.update(result.stamp, (result.easting, result.northing), result.position_covariance)
+    map's `zone`) and covariance; heading, matches and the rest stay the frame's own. `velocity`: the vehicle's
+    map-grid velocity and its covariance since the previous estimate (`body_velocity_to_map`), None for the
+    constant-velocity guess. The one place where the node and the replay apply the filter."""
+    filtered = tracker.update(result.stamp, (result.easting, result.northing), result.position_covariance, velocity)
     lat, lon = utm_to_latlon(filtered.xy[0], filtered.xy[1], zone)
     return replace(result, easting=float(filtered.xy[0]), northing=float(filtered.xy[1]), lat=float(lat),
                    lon=float(lon), position_covariance=filtered.covariance), filtered

@@ -356,10 +356,18 @@ class BagConfig:
     no_fix_prob: float = 0.03       # per GPS epoch: a NO_FIX message with NaN position
     compressed: bool = True         # CompressedImage (jpeg) or Image (rgb8)
     storage: str = "mcap"           # or "sqlite3"
+    time: str | None = None         # the drive's light, weather and season; None: drawn like any query drive's
+    weather: str | None = None
+    season: str | None = None
 
     def __post_init__(self) -> None:
         if min(self.length_m, self.fps, self.speed_mps, self.gps_rate_hz) <= 0 or self.gps_noise_m < 0:
             raise ValueError("bag length, rates and speed must be positive and GPS noise non-negative")
+
+    def condition(self, drawn: Condition) -> Condition:
+        """The drive's condition: `drawn` with the fields this config fixes (checked by Condition)."""
+        fixed = {name: getattr(self, name) for name in ("time", "weather", "season") if getattr(self, name)}
+        return replace(drawn, **fixed)
 
 
 def plan_bag_drive(plan: CityPlan, config: SynthConfig, bag: BagConfig, seed: int) -> tuple[list, list, list]:
@@ -369,7 +377,7 @@ def plan_bag_drive(plan: CityPlan, config: SynthConfig, bag: BagConfig, seed: in
     route = _random_route(plan.town, rng, bag.length_m + 20.0)
     points, heading = route_poses(plan.town, route, spacing, config.lane_offset_m, 0.0)
     n = max(2, min(len(points), int(bag.length_m / spacing) + 1))
-    condition = _query_condition(rng)
+    condition = bag.condition(_query_condition(rng))
     start_ns = QUERY_EPOCH_MS * 1_000_000 + int(rng.integers(0, 300 * 86_400)) * 1_000_000_000
     stamps = start_ns + (np.arange(n) * 1e9 / bag.fps).astype(np.int64)
     shots = [Shot(key=_key(seed, plan.name, "bag", i), sequence_key=_key(seed, plan.name, "bag"), frame_number=i,
