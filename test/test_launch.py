@@ -100,7 +100,7 @@ def test_equivalent_command_starts_the_node(launch_description, tmp_path):
         command += ["-p", f"{key}:={resolve(value, arguments) or chr(39) * 2}"]   # '' for an empty string
     for source, target in node["remappings"]:
         command += ["-r", f"{source}:={resolve(target, arguments)}"]
-    assert f"image/compressed:=/cam/rgb/compressed" in command and "compressed:=true" in command
+    assert "image/compressed:=/cam/rgb/compressed" in command and "compressed:=true" in command
     assert resolve(config_file, arguments).endswith(os.path.join("vpr_rerank_ros", "config", "localize.yaml"))
     done = subprocess.run(command, capture_output=True, text=True, timeout=60,
                           env={**os.environ, "ROS_HOME": str(tmp_path / "ros_home")})

@@ -103,7 +103,7 @@ def test_node_survives_fuzzed_messages(synthetic_map, tmp_path, compressed):
     from diagnostic_msgs.msg import DiagnosticArray
     from geometry_msgs.msg import PoseWithCovarianceStamped
     from rclpy.qos import qos_profile_sensor_data
-    from sensor_msgs.msg import CompressedImage, Image, NavSatFix
+    from sensor_msgs.msg import CompressedImage, NavSatFix
 
     root, report = synthetic_map
     query, _ = load_city(root / "msls", "synth0")

@@ -10,6 +10,7 @@ import sys
 from typing import Callable
 
 from .datasets.street_render import SEASONS, TIMES, WEATHERS
+from .local_features import EXTRACTORS, MAX_KEYPOINTS
 from .mapdb import FILES, IndexConfig, MapBundle
 from .localizer import LocalizerSettings
 from .rerank import COMPARED, reranker_label
@@ -40,7 +41,8 @@ def _warn(prog: str) -> Callable[[str], None]:
 
 
 def map_main(argv: list[str] | None = None) -> int:
-    """`vpr-map build|query|info|verify`: build maps from geotagged images, query them, inspect them."""
+    """`vpr-map build|describe|query|info|verify|export-hloc`: build maps from geotagged images, query them, inspect
+    them, write their descriptors and local features for hloc."""
     parser = argparse.ArgumentParser(prog="vpr-map", description="Build, query and inspect map bundles.")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, text in (("info", "print what a map holds"), ("verify", "check files, shapes and checksums")):
@@ -65,12 +67,26 @@ def map_main(argv: list[str] | None = None) -> int:
     build.add_argument("--dtype", choices=("float32", "float16"), default="float32", help="stored descriptor type")
     build.add_argument("--descriptors", help="HDF5 of precomputed descriptors keyed by image key (datasets keys, "
                                              "descriptors) to use instead of describing the images")
+    build.add_argument("--global-features", metavar="H5",
+                       help="hloc's global descriptors (global-feats-*.h5) to use instead of describing the images; "
+                            "entries are matched by image key or by the image path's tail (docs/formats.md)")
+    build.add_argument("--local-features", choices=("none", *EXTRACTORS), default="none",
+                       help="also extract local features of every map image (OpenCV; at most "
+                            f"{MAX_KEYPOINTS} per image) into the map for geometric verification (default none)")
+    build.add_argument("--local-features-file", metavar="H5",
+                       help="instead of --local-features: hloc's local features (feats-*.h5, e.g. SuperPoint), "
+                            "copied into the map for its images")
     describe = sub.add_parser("describe", help="describe many images into one HDF5 file (sharded over the "
                                                "processes of a torchrun job, resumable)")
     _image_source(describe, "HDF5 file to write (keys, descriptors)", "folder of images (key: file name without "
                   "suffix)", "MSLS root: the --sides of --cities")
     describe.add_argument("--sides", default="database,query", help="with --msls: database, query or both (default)")
     _model_options(describe, "descriptor weights (required: every process must use the same model)")
+    export = sub.add_parser("export-hloc", help="write a map's descriptors and local features in hloc's layouts")
+    export.add_argument("map", help="map directory")
+    export.add_argument("--out", required=True, help="folder for global-feats-<descriptor>.h5 and feats-<extractor>.h5")
+    export.add_argument("--image-root", help="name entries by the image path relative to this folder (hloc's "
+                                             "image_dir); default: by image key")
     query = sub.add_parser("query", help="retrieve the top-k map images for a folder of query images")
     query.add_argument("map", help="map directory")
     query.add_argument("--images", required=True, help="folder of query images")
@@ -79,20 +95,24 @@ def map_main(argv: list[str] | None = None) -> int:
     _model_options(query, "descriptor weights; default: the model stored in the map")
     args = parser.parse_args(argv)
     commands = {"build": _map_build, "describe": _map_describe, "query": _map_query, "info": _map_info,
-                "verify": _map_info}
+                "verify": _map_info, "export-hloc": _map_export_hloc}
     return report_user_errors("vpr-map", lambda: commands[args.command](args), _left_behind(args))
 
 
 def _left_behind(args) -> str:
     """What an interrupted `vpr-map` command leaves, for its one line."""
-    if args.command == "build" and args.model:
-        return (f"no map written; the images described so far are kept in {args.out}.describing.h5, and the same "
-                "command resumes from them")
-    if args.command == "build":
-        return "no map written"
     if args.command == "describe":
         return f"the same command resumes {args.out} with the images not described yet"
-    return ""
+    if args.command != "build":
+        return ""
+    kept = []
+    if args.model:
+        kept.append(f"the images described so far are kept in {args.out}.describing.h5")
+    if args.local_features != "none" or args.local_features_file:
+        kept.append(f"the local features extracted so far are kept in {args.out}.features.h5")
+    if not kept:
+        return "no map written"
+    return f"no map written; {' and '.join(kept)}, and the same command resumes from them"
 
 
 def _image_source(parser: argparse.ArgumentParser, out_help: str, images_help: str, msls_help: str) -> None:
@@ -119,6 +139,7 @@ def _map_info(args) -> int:
                      "northing": [float(table.northing.min()), float(table.northing.max())]},
         **{key: meta[key] for key in ("descriptor", "index", "fov", "overlap_pairs")},
         "attachments": sorted(set(meta["files"]) - set(FILES)),
+        **({"local_features": bundle.local_features.summary()} if bundle.local_features is not None else {}),
         "bytes": sum(f["bytes"] for f in meta["files"].values()),
     }
     print(json.dumps(summary, indent=2))
@@ -149,14 +170,16 @@ def _map_build(args) -> int:
     else:
         images = geotagged.from_msls(args.msls, resolve_cities(args.msls, args.cities))
     model = load_model(args.model) if args.model else None
-    if model is None and args.descriptors is None:
+    if model is None and args.descriptors is None and args.global_features is None:
         print("vpr-map: fitting the offline EfficientNet-Lite0 NetVLAD on the map images "
               "(ImageNet features, not trained for place recognition)", file=sys.stderr)
     report = build_map(args.out, images, model, device=args.device, fp16=args.fp16, batch_size=args.batch_size,
                        workers=args.workers, dtype=args.dtype,
                        index=IndexConfig(kind=args.index, nlist=args.nlist, nprobe=args.nprobe, pca_dim=args.pca_dim,
                                          rescore=args.rescore),
-                       overwrite=args.overwrite, progress=True, descriptor_file=args.descriptors)
+                       overwrite=args.overwrite, progress=True, descriptor_file=args.descriptors,
+                       global_features=args.global_features, local_features_file=args.local_features_file,
+                       local_features=None if args.local_features == "none" else args.local_features)
     for key, reason in report.skipped.items():
         print(f"skipped {key}: {reason}", file=sys.stderr)
     for warning in report.warnings:
@@ -164,6 +187,14 @@ def _map_build(args) -> int:
     meta = report.bundle.meta
     print(f"{args.out}: {len(report.bundle)} images, {meta.descriptor.dim}-D {meta.descriptor.name} descriptors, "
           f"UTM {meta.zone}, {meta.overlap_pairs} overlapping pairs")
+    return 0
+
+
+def _map_export_hloc(args) -> int:
+    from .hloc import export_hloc
+
+    for path in export_hloc(MapBundle.load(args.map, use_gpu=False), args.out, args.image_root):
+        print(path)
     return 0
 
 

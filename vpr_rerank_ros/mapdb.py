@@ -8,6 +8,8 @@ Layout of a map directory (every file listed with its size and SHA-256 in map.js
     index.faiss      faiss index: exact inner product ('flat'), or PCA + IVF-PQ whose short list is re-scored
                      exactly against descriptors.npy ('ivfpq', for maps of millions)
     overlap.npz      sparse FoV-overlap graph (see geo.OverlapGraph)
+Optional attachments: the map's own descriptor model, and local_features.h5 (keypoints and descriptors of every
+map image in hloc's layout, see feature_store), checked on load like the rest.
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ from scipy.spatial import cKDTree
 from tqdm import tqdm
 
 from .descriptors.model import NORM_TOLERANCE, check_unit_rows
+from .feature_store import FEATURES_FILE, FeatureFile
 from .geo import FOV_ANGLE_DEG, FOV_RADIUS_M, OverlapGraph, UtmZone, latlon_to_utm, utm_to_latlon
 
 FORMAT_NAME = "vpr_rerank_ros.map"
@@ -373,6 +376,8 @@ class MapBundle:
         if (overlap.radius, overlap.fov_deg) != (meta.fov_radius_m, meta.fov_angle_deg):
             raise MapError(f"{root / 'overlap.npz'}: FoV {overlap.radius} m / {overlap.fov_deg}°, map.json says "
                            f"{meta.fov_radius_m} m / {meta.fov_angle_deg}°")
+        if FEATURES_FILE in files:
+            _check_features(root / FEATURES_FILE, table.keys.tolist(), every_entry=verify)
         gpu = _gpu_available() if use_gpu is None else bool(use_gpu)
         if gpu:
             if _gpu_available():
@@ -389,6 +394,12 @@ class MapBundle:
     def attachment(self, name: str) -> Path | None:
         """Path of an attached file (checked on load), or None when the map has none of that name."""
         return self.root / name if name in self.meta.files and name not in FILES else None
+
+    @cached_property
+    def local_features(self) -> FeatureFile | None:
+        """The map images' local features (read per key), or None for a map built without them."""
+        path = self.attachment(FEATURES_FILE)
+        return FeatureFile(path) if path is not None else None
 
     @property
     def dim(self) -> int:
@@ -630,6 +641,19 @@ def _read_table(path: Path, zone: UtmZone) -> MapTable:
                         path=np.asarray(cols[7], dtype=object), zone=zone)
     except ValueError as exc:
         raise MapError(f"{path}: {exc}") from exc
+
+
+def _check_features(path: Path, keys: list[str], every_entry: bool) -> None:
+    """A MapError naming the file and the first bad key unless `path` holds the features of exactly `keys`
+    (with `every_entry`, each entry's shapes too; else the count)."""
+    try:
+        features = FeatureFile(path)
+        try:
+            features.check(keys, every_entry)
+        finally:
+            features.close()
+    except ValueError as exc:
+        raise MapError(str(exc)) from exc
 
 
 def _read_meta(root: Path) -> MapMeta:
