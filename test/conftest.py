@@ -54,6 +54,27 @@ def synthetic_map(tmp_path_factory):
     return root, report
 
 
+@pytest.fixture(scope="session")
+def synthetic_map_with_features(synthetic_map):
+    """The synthetic town's map again, with the RootSIFT local features of its images attached (geometric
+    verification): the same table, descriptors and stored model, so only the features are extracted."""
+    from dataclasses import asdict
+
+    from vpr_rerank_ros.feature_store import FEATURES_FILE, FeatureStore, extract_into
+    from vpr_rerank_ros.local_features import OpenCVExtractor
+    from vpr_rerank_ros.mapdb import FILES, MapBundle
+
+    root, report = synthetic_map
+    bundle, extractor = report.bundle, OpenCVExtractor("rootsift")
+    features = root / "features.h5"
+    with FeatureStore(features, extractor.name, extractor.settings) as store:
+        extract_into(store, extractor, list(zip(bundle.table.keys, bundle.table.path)))
+    attachments = {name: bundle.root / name for name in bundle.meta.files if name not in FILES}
+    descriptor = {k: v for k, v in asdict(bundle.meta.descriptor).items() if k not in ("dim", "dtype")}
+    return MapBundle.build(root / "map_with_features", bundle.table, bundle.descriptors, descriptor,
+                           dtype=bundle.meta.descriptor.dtype, attachments={**attachments, FEATURES_FILE: features})
+
+
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 

@@ -113,3 +113,37 @@ def test_precomputed_descriptors_are_checked(synthetic_map, tmp_path, capsys):
     (tmp_path / "junk.h5").write_bytes(b"not hdf5")
     assert eval_main([*args, "--descriptors", str(tmp_path / "junk.h5")]) == 1
     assert "not a readable HDF5 file" in capsys.readouterr().err
+
+
+def test_vpr_eval_geometric_adds_a_verified_row_per_reranker(synthetic_map, synthetic_map_with_features, tmp_path,
+                                                             capsys, monkeypatch):
+    from vpr_rerank_ros.evaluation import read_conditions
+    from vpr_rerank_ros.local_features import OpenCVExtractor
+
+    root, report = synthetic_map
+    args = ["--msls", str(root / "msls"), "--city", "synth0", "-K", "20"]
+    real, calls = OpenCVExtractor.__call__, []
+    monkeypatch.setattr(OpenCVExtractor, "__call__", lambda self, rgb: calls.append(1) or real(self, rgb))
+    out = tmp_path / "eval"
+    assert eval_main([*args, "--map", str(synthetic_map_with_features.root), "--reranker", "none", "--reranker",
+                      "superglobal", "--geometric", "top_n=10,min_inliers=10,min_margin=3,weight=0.3",
+                      "--out", str(out)]) == 0
+    assert len(calls) == 32                                  # each query's features once, for both rows
+    lines = capsys.readouterr().out.splitlines()
+    assert next(line for line in lines if line.startswith("re-ranker")).split()[-2:] == ["fired", "changed"]
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert [r["reranker"] for r in rows] == ["none", "none+geometric", "superglobal", "superglobal+geometric"]
+    assert rows[0]["fired"] == rows[0]["changed"] == ""
+    assert 0 < float(rows[1]["changed"]) <= float(rows[1]["fired"]) < 1    # it stands aside on most queries
+    assert len(read_predictions(out / "predictions_none_geometric.txt")) == 32
+    table = lines.index(next(line for line in lines if line.startswith("Recall@1 per condition")))
+    conditions = read_conditions(load_side(root / "msls", "synth0", "query"))
+    assert lines[table].split()[3:] == [str(v) for values in conditions.values() for v in np.unique(values)]
+    assert lines[table + 1].split()[1:] == [str(int((values == v).sum())) for values in conditions.values()
+                                            for v in np.unique(values)]
+    assert [line.split()[0] for line in lines[table + 2:table + 6]] == [r["reranker"] for r in rows]
+    assert eval_main([*args, "--map", str(report.bundle.root), "--geometric"]) == 1
+    assert "has no local features for geometric verification" in capsys.readouterr().err
+    assert eval_main([*args, "--map", str(synthetic_map_with_features.root), "--geometric", "topn=3"]) == 1
+    assert "geometric verification has no parameter 'topn'" in capsys.readouterr().err
+    assert len(calls) == 32                                  # refused before any query was described

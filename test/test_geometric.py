@@ -11,7 +11,8 @@ from vpr_rerank_ros.datasets.street_render import StreetRenderer
 from vpr_rerank_ros.datasets.synth_town import route_poses
 from vpr_rerank_ros.datasets.town import TownConfig, generate_town
 from vpr_rerank_ros.geometric import (Features, GeometricSettings, GeometricVerifier, combined_scores, fit,
-                                      geometric_order, match, trigger_fires)
+                                      geometric_order, geometric_settings, match, trigger_fires)
+from vpr_rerank_ros.local_features import LocalFeatures
 
 SIFT = cv2.SIFT_create(1000)
 TRUE_H = np.array([[0.92, 0.08, 14.0], [-0.06, 0.95, 9.0], [1.2e-4, -0.8e-4, 1.0]])
@@ -180,10 +181,30 @@ def test_the_trigger_leaves_the_previous_order_when_evidence_is_weak():
     assert not kept.fired and kept.order.tolist() == [0, 1, 2, 3, 4] and not kept.changed_top1
     moved = geometric_order(prior, [5, 80, 3], settings)    # only the first three verified: 3 and 4 stay put
     assert moved.fired and moved.changed_top1 and moved.order.tolist() == [1, 0, 2, 3, 4]
+    assert (moved.top_inliers, moved.support(30), kept.top_inliers, kept.support(90)) == (80, 1.0, 45, 0.5)
+    assert geometric_order(prior, [0, 3], settings).support(0) == 1.0    # no trigger threshold: no doubt
     with pytest.raises(ValueError, match="inlier counts"):
         geometric_order(prior[:2], [1, 2, 3], settings)
     with pytest.raises(ValueError, match="ratio"):
         GeometricSettings(ratio=1.5)
+
+
+def test_settings_from_a_mapping_name_what_is_wrong():
+    assert geometric_settings({"top_n": 5, "model": "homography"}) == GeometricSettings(top_n=5, model="homography")
+    with pytest.raises(ValueError, match="no parameter 'topn' \\(it takes top_n, model, "):
+        geometric_settings({"topn": 5})
+    with pytest.raises(ValueError, match="geometric verification parameters .*'top_n': 'a'"):
+        geometric_settings({"top_n": "a"})
+    with pytest.raises(ValueError, match="min_inliers must be >= 0"):
+        geometric_settings({"min_inliers": -1})
+
+
+def test_features_of_an_extractors_output_are_float_or_binary_by_dtype():
+    keypoints = np.array([[1.0, 2.0], [3.0, 4.0]], np.float32)
+    sift = Features.of(LocalFeatures(keypoints, np.array([[3, 4], [0, 2]], np.float16), np.ones(2), (8, 8)))
+    assert not sift.binary and np.allclose(sift.vectors, [[0.6, 0.8], [0, 1]])
+    orb = Features.of(LocalFeatures(keypoints, np.array([[0b1010], [255]], np.uint8), np.ones(2), (8, 8)))
+    assert orb.binary and orb.bits.tolist() == [2.0, 8.0] and orb.vectors.shape == (2, 8)
 
 
 def test_threaded_verifier_equals_sequential_and_promotes_the_right_place(street):

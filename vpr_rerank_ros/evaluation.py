@@ -1,13 +1,14 @@
 """Retrieval evaluation of a map against MSLS-layout queries (real or synthetic): describe the queries
 with the map's model, search (optionally near a noisy GPS hint), score against positives taken from the
-map's own positions; re-rank the candidates; compare re-rankers in one table (thesis Table 4.1 layout)
-and write it with one MSLS prediction file per re-ranker."""
+map's own positions; re-rank the candidates; compare re-rankers in one table (thesis Table 4.1 layout), each
+optionally followed by its geometrically verified ranking, with Recall@1 per condition of a synthetic town's
+queries, and write it with one MSLS prediction file per re-ranker."""
 from __future__ import annotations
 
 import csv
 import json
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -17,10 +18,15 @@ from .datasets.msls import MslsSide, write_predictions
 from .descriptors.extract import DescriptorExtractor
 from .descriptors.model import GlobalDescriptor
 from .geo import compass_to_grid, latlon_to_utm
-from .mapdb import MapBundle, SearchResult
+from .geometric import Features, GeometricSettings, GeometricVerifier
+from .images import read_rgb
+from .mapdb import MapBundle, SearchResult, dot_rows
 from .metrics import POSITIVE_RADIUS_M, RESULT_COLUMNS, ks_up_to, positives_within, retrieval_metrics
 from .rerank import Reranker, build_reranker, rerank_inputs, rerank_order, reranker_label
 
+CONDITIONS_FILE = "synth_conditions.csv"   # a synthetic town's query conditions, beside its query images' CSV
+CONDITION_FIELDS = ("time", "weather", "season")
+VERIFIED_COLUMNS = ("fired", "changed")    # shares of queries where verification's trigger fired, the top 1 changed
 # The thesis's parameter searches (3.4) for the query-expansion re-rankers: `vpr-eval --grid`.
 THESIS_GRID = {
     "aqe": [{"k": k} for k in range(1, 6)],
@@ -46,12 +52,14 @@ class RetrievalRun:
 
 @dataclass
 class Comparison:
-    """One row of a re-ranker comparison: the re-ranker's name, its parameters, ranked map ids, metrics."""
+    """One row of a re-ranker comparison: the re-ranker's name, its parameters, ranked map ids, metrics, and for a
+    geometrically verified row the shares of queries where the trigger fired and where the top 1 changed."""
 
     name: str
     params: dict
     ranked: np.ndarray
     metrics: dict
+    verified: dict = field(default_factory=dict)   # VERIFIED_COLUMNS' shares; empty: not verified
 
     @property
     def label(self) -> str:
@@ -130,12 +138,69 @@ def compare_rerankers(bundle: MapBundle, run: RetrievalRun, specs: list[tuple[st
     return rows
 
 
+def query_features(bundle: MapBundle, run: RetrievalRun) -> list[Features]:
+    """Each query's local features, extracted once with the map's extractor (shared by every verified row)."""
+    extractor = bundle.local_extractor()
+    return [Features.of(extractor(read_rgb(path))) for path in run.query.image_paths()]
+
+
+def verify_row(bundle: MapBundle, run: RetrievalRun, row: Comparison, queries: list[Features],
+               settings: GeometricSettings) -> Comparison:
+    """`row`'s ranking geometrically verified (its first top_n candidates, their global similarities as the prior)
+    as the row `<name>+geometric`, with how often the trigger fired and the top 1 changed."""
+    verifier = GeometricVerifier(settings)
+    ranked, fired, changed = row.ranked.copy(), 0, 0
+    for q, (ids, query) in enumerate(zip(row.ranked, queries)):
+        ids = ids[ids >= 0]
+        prior = dot_rows(bundle.rows(ids), run.descriptors[q].astype(np.float32))
+        verification = verifier.rerank(query, bundle.matching_features(ids[:settings.top_n]), prior)
+        ranked[q, :len(ids)] = ids[verification.order]
+        fired += verification.fired
+        changed += verification.changed_top1
+    metrics = retrieval_metrics(ranked, run.positives, ks=ks_up_to(ranked.shape[1]))
+    return Comparison(f"{row.name}+geometric", row.params, ranked, metrics,
+                      {"fired": fired / len(queries), "changed": changed / len(queries)})
+
+
 def format_table(rows: list[Comparison]) -> str:
-    """The comparison as a fixed-width text table, in percent."""
-    lines = [f"{'re-ranker':44s}" + "".join(f"{c:>10s}" for c in RESULT_COLUMNS)]
+    """The comparison as a fixed-width text table, in percent; with verified rows, the shares of queries where the
+    trigger fired and the top 1 changed."""
+    extra = VERIFIED_COLUMNS if any(row.verified for row in rows) else ()
+    lines = [f"{'re-ranker':44s}" + "".join(f"{c:>10s}" for c in (*RESULT_COLUMNS, *extra))]
     for row in rows:
-        lines.append(f"{row.label:44s}" +
-                     "".join(f"{100 * row.metrics.get(c, float('nan')):10.2f}" for c in RESULT_COLUMNS))
+        cells = [100 * row.metrics.get(c, float("nan")) for c in RESULT_COLUMNS]
+        cells += [100 * row.verified.get(c, float("nan")) for c in extra]
+        lines.append(f"{row.label:44s}" + "".join(f"{v:10.2f}" for v in cells))
+    return "\n".join(lines)
+
+
+def read_conditions(query: MslsSide) -> dict[str, np.ndarray] | None:
+    """Each query's light, weather and season (CONDITION_FIELDS) from a synthetic town's CONDITIONS_FILE, in
+    `query` order; None when the city has none (real photos)."""
+    path = query.directory / CONDITIONS_FILE
+    if not path.is_file():
+        return None
+    with open(path, newline="") as f:
+        table = {row["key"]: row for row in csv.DictReader(f)}
+    return {name: np.array([table[key][name] for key in query.keys]) for name in CONDITION_FIELDS}
+
+
+def recall_by_condition(ranked: np.ndarray, positives: list, conditions: dict[str, np.ndarray]) -> dict:
+    """{(field, value): (Recall@1, queries)} per condition: a query counts as found when its first candidate is
+    among its positives (a query without positives never is)."""
+    hit = np.array([bool(set(ranked[i, :1]) & set(p)) for i, p in enumerate(positives)])
+    return {(name, value): (float(hit[values == value].mean()), int((values == value).sum()))
+            for name, values in conditions.items() for value in np.unique(values)}
+
+
+def format_conditions(rows: list[Comparison], run: RetrievalRun, conditions: dict[str, np.ndarray]) -> str:
+    """Recall@1 per query condition (percent) of each row, one column per field=value (its query count below)."""
+    tables = [recall_by_condition(row.ranked, run.positives, conditions) for row in rows]
+    columns = list(tables[0])
+    lines = [f"{'Recall@1 per condition':44s}" + "".join(f"{value:>9s}" for _, value in columns),
+             f"{'(queries)':44s}" + "".join(f"{tables[0][c][1]:9d}" for c in columns)]
+    for row, table in zip(rows, tables):
+        lines.append(f"{row.label:44s}" + "".join(f"{100 * table[c][0]:9.1f}" for c in columns))
     return "\n".join(lines)
 
 
@@ -144,13 +209,15 @@ def write_results(out: str | Path, rows: list[Comparison], bundle: MapBundle, ru
     query: the query key and its ranked map keys; the label is the re-ranker and its parameters) in `out`."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    extra = VERIFIED_COLUMNS if any(row.verified for row in rows) else ()
     with open(out / "results.csv", "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["reranker", "params", *RESULT_COLUMNS, "queries"])
+        writer.writerow(["reranker", "params", *RESULT_COLUMNS, "queries", *extra])
         for row in rows:
             writer.writerow([row.name, json.dumps(row.params),
                              *(f"{row.metrics.get(c, float('nan')):.6f}" for c in RESULT_COLUMNS),
-                             row.metrics["queries"]])
+                             row.metrics["queries"],
+                             *(f"{row.verified[c]:.6f}" if row.verified else "" for c in extra)])
     lines = ["| re-ranker | " + " | ".join(RESULT_COLUMNS) + " |", "|---" * (len(RESULT_COLUMNS) + 1) + "|"]
     for row in rows:
         lines.append(f"| {row.name} {json.dumps(row.params) if row.params else ''} | " +

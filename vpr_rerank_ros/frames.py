@@ -9,9 +9,12 @@ from __future__ import annotations
 # reached the node; fixes / bad_fixes = GPS fixes received usable / unusable as a hint; headings / bad_headings =
 # orientation messages (heading_source) usable / unusable as a heading hint; odometry / bad_odometry = odometry
 # messages (`odometry: true`) usable / unusable as the filter's velocity; filter_rejected = estimates the temporal
-# filter (`filter: true`) did not believe (gated out); filter_weak = estimates too vague to fuse (ambiguous places).
+# filter (`filter: true`) did not believe (gated out); filter_weak = estimates too vague to fuse (ambiguous places);
+# verification_fired / verification_changed = frames where geometric verification (`geometric: true`) found strong
+# and decisive evidence / changed the top 1.
 COUNTERS = ("received", "lost", "processed", "dropped", "bad", "errors", "fixes", "bad_fixes", "headings",
-            "bad_headings", "odometry", "bad_odometry", "filter_rejected", "filter_weak")
+            "bad_headings", "odometry", "bad_odometry", "filter_rejected", "filter_weak", "verification_fired",
+            "verification_changed")
 STATUS_NAME = "vpr_localizer: pipeline"   # the DiagnosticStatus name of the node's counters and latencies
 DIAGNOSTICS_PERIOD_S = 1.0                # on the steady clock
 GPS_MAX_AGE_S = 2.0                       # default of the node's gps_max_age_s and of the offline replay

@@ -5,11 +5,12 @@ evidence, only when a per-query trigger says the evidence is strong and decisive
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Sequence
 
 import cv2
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 # The fewest matches each model is fitted from; fewer give 0 inliers.
 MIN_MATCHES = {"homography": 4, "fundamental": 8}
@@ -46,6 +47,12 @@ class Features:
         vectors = descriptors.astype(np.float32)
         vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
         return cls(points, vectors)
+
+    @classmethod
+    def of(cls, features) -> "Features":
+        """From an extractor's or a features file's `local_features.LocalFeatures` (uint8 descriptors: binary)."""
+        descriptors = features.descriptors
+        return cls.from_arrays(features.keypoints, descriptors, binary=descriptors.dtype == np.uint8)
 
     def __len__(self) -> int:
         return len(self.keypoints)
@@ -148,6 +155,19 @@ class GeometricSettings:
             raise ValueError(f"confidence must be in (0, 1), got {self.confidence}")
 
 
+def geometric_settings(params: dict) -> GeometricSettings:
+    """GeometricSettings from a mapping of its fields (a YAML mapping, key=value pairs); an unknown key or a bad
+    value is a ValueError naming it."""
+    names = [f.name for f in fields(GeometricSettings)]
+    unknown = sorted(set(params) - set(names))
+    if unknown:
+        raise ValueError(f"geometric verification has no parameter {unknown[0]!r} (it takes {', '.join(names)})")
+    try:
+        return GeometricSettings(**params)
+    except TypeError as exc:   # e.g. a string where a number belongs
+        raise ValueError(f"geometric verification parameters {params}: {exc}") from exc
+
+
 def combined_scores(prior: np.ndarray, inliers: np.ndarray, weight: float, half_inliers: float) -> np.ndarray:
     """prior + weight * n / (n + half_inliers): the previous stage's score plus bounded geometric evidence. The
     term saturates, so a candidate's global similarity still counts against one with many more inliers."""
@@ -184,6 +204,15 @@ class Verification:
     def changed_top1(self) -> bool:
         return bool(self.order[0] != 0)
 
+    @property
+    def top_inliers(self) -> int:
+        """Inliers of the new top 1 (always one of the verified candidates)."""
+        return int(self.inliers[self.order[0]])
+
+    def support(self, min_inliers: int) -> float:
+        """How far the new top 1's geometry confirms it, 0 to 1: its inliers over `min_inliers` (1 when 0)."""
+        return min(1.0, self.top_inliers / min_inliers) if min_inliers > 0 else 1.0
+
 
 def geometric_order(prior: np.ndarray, inliers: np.ndarray, settings: GeometricSettings) -> Verification:
     """Re-rank K candidates with `prior` scores (previous stage, in its order) given the first N's inliers: by
@@ -200,9 +229,9 @@ def geometric_order(prior: np.ndarray, inliers: np.ndarray, settings: GeometricS
 
 class GeometricVerifier:
     """Matches a query's features (extracted once per frame) against candidates' features and fits the model,
-    candidates in parallel threads (NumPy's matrix product and OpenCV release the GIL). Run NumPy's BLAS on one
-    thread (OPENBLAS_NUM_THREADS=1): on 2 busy cores its threads made these small products 3-7x slower
-    (benchmarks/geometric.py)."""
+    candidates in parallel threads (NumPy's matrix product and OpenCV release the GIL). NumPy's BLAS runs on one
+    thread meanwhile (threadpoolctl): candidates are the parallel axis, and on 2 busy cores BLAS's own threads made
+    these small products 3-7x slower (benchmarks/geometric.py)."""
 
     def __init__(self, settings: GeometricSettings = GeometricSettings()) -> None:
         self.settings = settings
@@ -219,10 +248,11 @@ class GeometricVerifier:
         def count(candidate: Features) -> int:
             return self.verify(query, candidate).inliers
 
-        if self.settings.workers == 1 or len(candidates) < 2:
-            return np.array([count(c) for c in candidates], dtype=np.int64)
-        with ThreadPoolExecutor(min(self.settings.workers, len(candidates))) as pool:
-            return np.fromiter(pool.map(count, candidates), dtype=np.int64, count=len(candidates))
+        with threadpool_limits(1, "blas"):
+            if self.settings.workers == 1 or len(candidates) < 2:
+                return np.array([count(c) for c in candidates], dtype=np.int64)
+            with ThreadPoolExecutor(min(self.settings.workers, len(candidates))) as pool:
+                return np.fromiter(pool.map(count, candidates), dtype=np.int64, count=len(candidates))
 
     def rerank(self, query: Features, candidates: Sequence[Features], prior: np.ndarray) -> Verification:
         """Verify the first `top_n` of `candidates` (features of the previous stage's candidates, in its order;

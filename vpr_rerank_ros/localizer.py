@@ -1,6 +1,7 @@
 """The pipeline object, without ROS: camera image (+ GPS hint) -> descriptor -> retrieval -> re-ranking ->
-pose estimate with a covariance derived from the agreement of the top matches and from how distinct the chosen
-place is among the candidates (docs/conventions.md, "Position covariance")."""
+(optionally) geometric verification -> pose estimate with a covariance derived from the agreement of the top
+matches, from how distinct the chosen place is among the candidates and from its geometric support
+(docs/conventions.md, "Position covariance")."""
 from __future__ import annotations
 
 import math
@@ -13,6 +14,7 @@ import torch
 from .descriptors.extract import DescriptorExtractor, pick_device
 from .descriptors.model import GlobalDescriptor
 from .geo import UtmZone, compass_to_grid, heading_difference, utm_to_latlon
+from .geometric import Features, GeometricSettings, GeometricVerifier, Verification
 from .mapdb import MapBundle
 from .rerank import Reranker, build_reranker, rerank_inputs, rerank_order
 
@@ -80,6 +82,7 @@ class Localization:
     stamp: float | None
     timings: dict = field(default_factory=dict)   # seconds per stage
     distinctiveness: float = math.nan  # how much more similar the chosen place is than the best one elsewhere
+    verification: Verification | None = None   # geometric verification's outcome (None: not run)
 
     def of_vehicle(self, forward_m: float, left_m: float, camera_yaw_deg: float, zone: UtmZone) -> "Localization":
         """This camera pose as the pose of the vehicle that carries the camera at (`forward_m`, `left_m`) in its body
@@ -120,7 +123,8 @@ class Localizer:
     """Localises camera frames against a map with its descriptor model and a re-ranker."""
 
     def __init__(self, bundle: MapBundle, model: GlobalDescriptor, reranker: Reranker | str = "none",
-                 settings: LocalizerSettings = LocalizerSettings(), reranker_params: dict | None = None) -> None:
+                 settings: LocalizerSettings = LocalizerSettings(), reranker_params: dict | None = None,
+                 geometric: GeometricSettings | None = None) -> None:
         bundle.check_model(model)
         self.bundle, self.settings = bundle, settings
         self._centre = (float(np.mean(bundle.table.lat)), float(np.mean(bundle.table.lon)))
@@ -133,6 +137,13 @@ class Localizer:
         else:
             self.extractor = DescriptorExtractor(model, self.device, batch_size=1, fp16=settings.fp16)
         self.set_reranker(reranker, **(reranker_params or {}))
+        self.set_geometric(geometric)
+
+    def set_geometric(self, settings: GeometricSettings | None) -> None:
+        """Verify the re-ranked candidates geometrically with `settings` (None: do not). Refused (MapError) for a
+        map whose local features this package cannot extract for a query: none, or imported from hloc."""
+        self.local_extractor = None if settings is None else self.bundle.local_extractor()
+        self.verifier = None if settings is None else GeometricVerifier(settings)
 
     def prepare_reranker(self, reranker: Reranker | str, **params) -> Reranker:
         """A re-ranker checked against this map, on this localizer's device, with what it precomputes of the map
@@ -177,13 +188,32 @@ class Localizer:
         order, similarities = self._rerank(descriptor, ids, self._grid_heading(heading_hint, gps_hint))
         timings["reranking"] = time.perf_counter() - start
 
+        verification, support = None, 1.0
+        if self.verifier is not None:
+            order, verification = self._verify(image, ids[order], similarities[order], order, timings)
+            support = verification.support(self.verifier.settings.min_inliers)
+
         start = time.perf_counter()
         fix = (hint_xy[0], sigma) if result.restricted[0] else None
         localization = self._pose(ids[order], similarities[order], fix, gps_used=bool(result.restricted[0]),
-                                  fallback=bool(result.fallback[0]), note=note, stamp=stamp)
+                                  fallback=bool(result.fallback[0]), note=note, stamp=stamp, support=support)
         timings["pose"] = time.perf_counter() - start
-        localization.timings = timings
+        localization.timings, localization.verification = timings, verification
         return localization
+
+    def _verify(self, image: np.ndarray, ranked: np.ndarray, prior: np.ndarray, order: np.ndarray,
+                timings: dict) -> tuple[np.ndarray, Verification]:
+        """Geometric verification of the `ranked` map ids (the re-ranker's `order` of the candidates) with their
+        descriptor similarities as the `prior`: the new order and the verification. The query's local features
+        are extracted once, with the map's extractor."""
+        start = time.perf_counter()
+        query = Features.of(self.local_extractor(image))
+        timings["local_features"] = time.perf_counter() - start
+        start = time.perf_counter()
+        candidates = self.bundle.matching_features(ranked[:self.verifier.settings.top_n])
+        verification = self.verifier.rerank(query, candidates, prior)
+        timings["verification"] = time.perf_counter() - start
+        return order[verification.order], verification
 
     def _hint(self, gps_hint) -> tuple[np.ndarray | None, float, str]:
         """The hint's (1, 2) position in the map's zone (None: no usable hint), its 1-sigma (0: unknown), and a
@@ -216,13 +246,15 @@ class Localizer:
             similarities = torch.mv(inputs.candidates[0].float(), inputs.query[0].float())
             return order.cpu().numpy(), similarities.cpu().numpy()
 
-    def _pose(self, ids, similarities, fix, gps_used, fallback, note, stamp) -> Localization:
+    def _pose(self, ids, similarities, fix, gps_used, fallback, note, stamp, support: float = 1.0) -> Localization:
         """The estimate is the weighted mean of the top matches that agree with the best one (weights: softmax of
         descriptor similarities). Its covariance is the uncertainty of that mean while the place is distinct: the
         camera lies somewhere between map images (spacing^2 / 12, a uniform error, over the agreeing matches'
         effective number), plus a floor. As the place gets ambiguous (`distinctiveness`), the spread of the
         candidates around the estimate is added: the truth could be at any of them, weighted by their agreement
-        with the GPS `fix` ((x, y), 1-sigma) when the search used one. Calibration: docs/conventions.md."""
+        with the GPS `fix` ((x, y), 1-sigma) when the search used one. `support` (0 to 1, geometric verification's
+        confirmation of the best match) scales the trust in a distinct place and the confidence: few inliers,
+        larger covariance. Calibration: docs/conventions.md."""
         table, s = self.bundle.table, self.settings
         matches = [Match(str(table.keys[i]), int(i), float(sim), float(table.easting[i]), float(table.northing[i]),
                          float(table.heading[i])) for i, sim in zip(ids, similarities)]
@@ -239,7 +271,8 @@ class Localizer:
         candidates = np.stack([table.easting[ids], table.northing[ids]], axis=1) - mean
         ratio = distinctiveness(similarities, float(similarities[:s.pose_matches][agree].max()),
                                 np.hypot(*candidates.T) > s.agree_radius_m)
-        trust = float(np.clip((ratio - s.ambiguous_ratio) / (s.distinct_ratio - s.ambiguous_ratio), 0.0, 1.0))
+        distinct = float(np.clip((ratio - s.ambiguous_ratio) / (s.distinct_ratio - s.ambiguous_ratio), 0.0, 1.0))
+        trust = support * distinct
         where = _place_weights(candidates + mean, fix)
         covariance = local + (1.0 - trust) * (where[:, None] * candidates).T @ candidates
         angles = np.radians(table.heading[top])
@@ -251,7 +284,7 @@ class Localizer:
         lat, lon = utm_to_latlon(mean[0], mean[1], table.zone)
         return Localization(matches=matches, easting=float(mean[0]), northing=float(mean[1]), heading=heading,
                             lat=float(lat), lon=float(lon), position_covariance=covariance,
-                            heading_variance=heading_variance, confidence=float(weights[agree].sum()),
+                            heading_variance=heading_variance, confidence=support * float(weights[agree].sum()),
                             gps_used=gps_used, gps_fallback=fallback, gps_note=note, stamp=stamp,
                             distinctiveness=ratio)
 

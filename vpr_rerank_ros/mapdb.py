@@ -21,8 +21,9 @@ import shutil
 import uuid
 import weakref
 from dataclasses import asdict, dataclass, field, fields
-from functools import cached_property
+from functools import cached_property, lru_cache
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -32,6 +33,8 @@ from tqdm import tqdm
 from .descriptors.model import NORM_TOLERANCE, check_unit_rows
 from .feature_store import FEATURES_FILE, FeatureFile
 from .geo import FOV_ANGLE_DEG, FOV_RADIUS_M, OverlapGraph, UtmZone, latlon_to_utm, utm_to_latlon
+from .geometric import Features
+from .local_features import EXTRACTORS, OpenCVExtractor
 
 FORMAT_NAME = "vpr_rerank_ros.map"
 FORMAT_VERSION = 1
@@ -40,6 +43,7 @@ FILES = ("images.csv", "descriptors.npy", "index.faiss", "overlap.npz")
 INDEX_KINDS = ("flat", "ivfpq")
 BUILD_CHUNK = 65536         # descriptor rows read, checked and indexed at a time while building
 PCA_SAMPLE = 32768          # rows the index's PCA is computed from (of the training sample)
+FEATURE_CACHE = 128         # map images whose local features are kept prepared for matching (~1 MB each)
 
 
 class MapError(ValueError):
@@ -400,6 +404,32 @@ class MapBundle:
         """The map images' local features (read per key), or None for a map built without them."""
         path = self.attachment(FEATURES_FILE)
         return FeatureFile(path) if path is not None else None
+
+    def local_extractor(self) -> OpenCVExtractor:
+        """The extractor, with the map's settings, that gives a query local features comparable with the map's; a
+        MapError for a map without local features or with features imported from hloc (e.g. SuperPoint), which
+        this package cannot extract from a query."""
+        features = self.local_features
+        if features is None:
+            raise MapError(f"the map {self.root} has no local features for geometric verification: rebuild it with "
+                           "vpr-map build --local-features rootsift (or sift, orb, akaze)")
+        if features.extractor not in EXTRACTORS or set(features.settings) != {"max_keypoints", "max_side"}:
+            raise MapError(f"the map {self.root} holds {features.extractor} local features imported from hloc: "
+                           f"this package cannot extract them from a query for geometric verification (it extracts "
+                           f"{', '.join(EXTRACTORS)}); rebuild the map with vpr-map build --local-features rootsift")
+        return OpenCVExtractor(features.extractor, **features.settings)
+
+    def matching_features(self, ids) -> list[Features]:
+        """The local features of map indices `ids`, prepared for matching; the last FEATURE_CACHE images' are kept."""
+        return [self._prepared_features(int(i)) for i in ids]
+
+    @cached_property
+    def _prepared_features(self) -> Callable[[int], Features]:
+        """One map image's prepared features by index, through an LRU cache of FEATURE_CACHE images."""
+        def prepare(index: int) -> Features:
+            return Features.of(self.local_features.read(str(self.table.keys[index])))
+
+        return lru_cache(maxsize=FEATURE_CACHE)(prepare)
 
     @property
     def dim(self) -> int:

@@ -51,6 +51,7 @@ from .descriptors.extract import pick_device
 from .frames import (COUNTERS, DIAGNOSTICS_PERIOD_S, GPS_MAX_AGE_S, HEADING_MAX_AGE_S, ODOMETRY_MAX_AGE_S,
                      STATUS_NAME, fresh_fix)
 from .geo import EnuFrame, heading_to_yaw, meridian_convergence_deg, quaternion_yaw, yaw_to_heading
+from .geometric import GeometricSettings, geometric_settings
 from .images import ImageError, decode_image_message
 from .localizer import Localizer, LocalizerSettings, check_candidates, hint_from_fix
 from .tracking import PoseFilter, body_velocity_to_map, track
@@ -71,6 +72,9 @@ PARAMETERS = {  # name: (default, description); every one is documented in confi
     "reranker_params": ("{}", "re-ranker parameters as a YAML mapping, e.g. '{P: 1, beta: 0.6}'"),
     "top_k": (100, "candidates retrieved and re-ranked per frame"),
     "pose_matches": (5, "top re-ranked matches that form the pose estimate"),
+    "geometric": (False, "verify the re-ranked candidates geometrically (local features; the map needs them)"),
+    "geometric_params": ("{}", "geometric verification's parameters as a YAML mapping, e.g. '{top_n: 20, "
+                               "min_inliers: 30}'"),
     "compressed": (False, "subscribe to <image>/compressed (CompressedImage, image_transport's naming) instead "
                           "of image (Image)"),
     "image_qos_reliability": ("auto", "camera subscription reliability: auto (reliable when every publisher of the "
@@ -150,15 +154,31 @@ def usage() -> str:
     return "\n".join(lines)
 
 
-def reranker_params(text: str) -> dict:
-    """The reranker_params parameter as a dict; a ValueError unless it is a YAML mapping."""
+def yaml_mapping(name: str, text: str) -> dict:
+    """Parameter `name`'s YAML mapping as a dict; a ValueError unless it is one."""
     try:
         params = yaml.safe_load(text or "{}")
     except yaml.YAMLError as exc:
-        raise ValueError(f"parameter reranker_params is not valid YAML: {exc}") from None
+        raise ValueError(f"parameter {name} is not valid YAML: {exc}") from None
     if not isinstance(params, dict):
-        raise ValueError(f"parameter reranker_params must be a YAML mapping, got {text!r}")
+        raise ValueError(f"parameter {name} must be a YAML mapping, got {text!r}")
     return params
+
+
+def reranker_params(text: str) -> dict:
+    """The reranker_params parameter as a dict; a ValueError unless it is a YAML mapping."""
+    return yaml_mapping("reranker_params", text)
+
+
+def geometric_from_parameters(p: dict) -> GeometricSettings | None:
+    """Geometric verification's settings from the parameters geometric and geometric_params (None: off); a
+    ValueError naming a bad one."""
+    params = yaml_mapping("geometric_params", p["geometric_params"])
+    try:
+        settings = geometric_settings(params)
+    except ValueError as exc:
+        raise ValueError(f"parameter geometric_params: {exc}") from None
+    return settings if p["geometric"] else None
 
 
 def image_decoder() -> tuple[str, Callable[[Image | CompressedImage], np.ndarray]]:
@@ -257,7 +277,9 @@ class LocalizerCore:
         self.publishers_made = [self.pose_pub, self.fix_pub, self.diag_pub, self.match_pub]
         self.reload_service = self.create_service(Trigger, "~/reload_map", self._on_reload,
                                                   callback_group=MutuallyExclusiveCallbackGroup())
-        self.get_logger().info(f"loaded {len(self.localizer.bundle)} map images with {self.p['reranker']} on "
+        verifier = self.localizer.verifier
+        verified = f" + geometric verification of the top {verifier.settings.top_n}" if verifier else ""
+        self.get_logger().info(f"loaded {len(self.localizer.bundle)} map images with {self.p['reranker']}{verified} on "
                                f"{self.localizer.device}, descriptor with {self.p['backend']}; images converted "
                                f"with {self.conversion}; temporal filter {'on' if self.tracker else 'off'}"
                                f"{' with odometry' if self.p['odometry'] else ''}")
@@ -348,6 +370,7 @@ class LocalizerCore:
         if p["odometry"] and not p["filter"]:
             raise ValueError("parameter odometry: true feeds the temporal filter: it needs filter: true")
         reranker_params(p["reranker_params"])
+        geometric_from_parameters(p)
 
     @staticmethod
     def _settings(p: dict, map_size: int) -> LocalizerSettings:
@@ -360,7 +383,7 @@ class LocalizerCore:
         bundle = MapBundle.load(self.p["map_path"])
         model = map_model(bundle, self.p["model_path"] or None)
         localizer = Localizer(bundle, model, self.p["reranker"], self._settings(self.p, len(bundle)),
-                              reranker_params(self.p["reranker_params"]))
+                              reranker_params(self.p["reranker_params"]), geometric_from_parameters(self.p))
         self._check_trained(localizer.reranker)
         lat, lon = self.p["datum_lat"], self.p["datum_lon"]
         if not (math.isfinite(lat) and math.isfinite(lon)):
@@ -513,6 +536,9 @@ class LocalizerCore:
             self.stats["processed"] += 1
             self.stats["filter_rejected"] += rejected
             self.stats["filter_weak"] += weak
+            if result.verification is not None:
+                self.stats["verification_fired"] += result.verification.fired
+                self.stats["verification_changed"] += result.verification.changed_top1
             self.stats["last_latency"] = {**result.timings, "total": time.perf_counter() - start}
             self.stats["gps"] = result.gps_note if hint is not None else gps_note
             self.stats["heading"] = heading_note

@@ -25,7 +25,7 @@ from .truth import TruthFrame, TruthTrack, read_truth
 OUTSIDE_TRUTH = "outside the ground truth's time span"
 # Per-frame latency, ms: the Localizer's stages, "total" = decode to pose (as the node's diagnostics report it) and,
 # in live replays, "end_to_end" = image published to pose received.
-STAGES = ("descriptor", "retrieval", "reranking", "pose", "total", "end_to_end")
+STAGES = ("descriptor", "retrieval", "reranking", "local_features", "verification", "pose", "total", "end_to_end")
 
 
 @dataclass(frozen=True)
