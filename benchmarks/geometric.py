@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import time
 
 import cv2
 import faiss
 import numpy as np
 import torch
 from threadpoolctl import threadpool_limits
+from timing import best_time
 
 from vpr_rerank_ros import geometric
 from vpr_rerank_ros.datasets.street_render import Condition, StreetRenderer
@@ -34,13 +34,7 @@ QUERY_CONDITIONS = (Condition(), Condition(time="dusk", weather="overcast"), Con
 
 
 def best_ms(fn, repeat: int = 5) -> float:
-    fn()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e3 * min(times)
+    return 1e3 * best_time(fn, repeat)
 
 
 def root_sift_features(sift, rgb: np.ndarray) -> Features:

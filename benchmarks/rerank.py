@@ -9,13 +9,13 @@ timed on its precomputed distance matrices, so the Gram product is ours alone to
 candidates, and SuperGlobal at K = 320 against one (K x D)(D x K) product, its own floor."""
 from __future__ import annotations
 
-import time
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from reference_rerankers import distance_matrices, re_ranking
+from timing import best_time
 from vpr_rerank_ros.geo import OverlapGraph
 from vpr_rerank_ros.rerank import COMPARED, RerankInputs, build_reranker, rerank_order, reranker_label
 
@@ -24,16 +24,6 @@ MAP_SIZE = 2000
 RERANKERS = [*COMPARED, ("fc", {}), ("gnn", {"layers": 1}), ("gnn", {"layers": 1, "positional": False}),
              ("gnn", {"layers": 2})]
 UNCACHED = ("gnn", {"layers": 1})   # also timed without the map's FC1 cache
-
-
-def best_time(fn, repeat: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def main() -> None:
