@@ -10,9 +10,7 @@ The town is `make demo`'s (demo_output/synth_seed0: 1223 database and 200 query 
 from __future__ import annotations
 
 import argparse
-import csv
 import time
-from pathlib import Path
 
 import numpy as np
 
@@ -20,10 +18,9 @@ from vpr_rerank_ros.datasets import geotagged
 from vpr_rerank_ros.datasets.msls import load_city
 from vpr_rerank_ros.descriptors.extract import DescriptorExtractor
 from vpr_rerank_ros.descriptors.offline import fit_offline_model, offline_config
+from vpr_rerank_ros.evaluation import CONDITION_FIELDS, read_conditions, recall_by_condition
 from vpr_rerank_ros.images import read_rgb
 from vpr_rerank_ros.metrics import positives_within
-
-CONDITIONS = ("time", "weather", "season")
 
 
 def variant(text: str) -> tuple[int, int]:
@@ -40,8 +37,9 @@ def main() -> None:
     args = parser.parse_args()
     images = geotagged.from_msls(args.town, [args.city])
     query, _ = load_city(args.town, args.city)
-    with open(Path(args.town) / "train_val" / args.city / "query" / "synth_conditions.csv") as f:
-        conditions = {row["key"]: row for row in csv.DictReader(f)}
+    conditions = read_conditions(query)
+    if conditions is None:
+        raise SystemExit(f"{args.town} {args.city}: no query conditions (a synthetic town's synth_conditions.csv)")
     positives = positives_within(np.stack([query.easting, query.northing], axis=1),
                                  np.stack([images.table.easting, images.table.northing], axis=1), 25.0)
     frame = read_rgb(query.image_path(0))
@@ -54,8 +52,9 @@ def main() -> None:
             raise SystemExit("the fit did not describe every database image in order")
         extractor = DescriptorExtractor(fit.model, "cpu", 8)
         queries = extractor.describe_files([(k, str(query.image_path(i))) for i, k in enumerate(query.keys)])
-        hit = np.array([int(np.argmax(database.descriptors @ d)) in set(p)
-                        for d, p in zip(queries.descriptors, positives)])
+        ranked = np.argmax(queries.descriptors @ database.descriptors.T, axis=1)[:, None]
+        hit = np.array([int(r[0]) in set(p) for r, p in zip(ranked, positives)])
+        recall = recall_by_condition(ranked, positives, conditions)
         single = DescriptorExtractor(fit.model, "cpu", 1)
         single.describe_arrays([frame])
         start = time.perf_counter()
@@ -64,10 +63,9 @@ def main() -> None:
         ms = (time.perf_counter() - start) * 100
         print(f"block {block}, max side {side}: Recall@1 {hit.mean():.3f}, {fit.model.output_dim}-D, "
               f"{ms:.0f} ms per frame, fit and describe {fit_s:.0f} s", flush=True)
-        for field in CONDITIONS:
-            values = np.array([conditions[k][field] for k in query.keys])
-            print(f"  {field:8s}" + ", ".join(f"{v} {hit[values == v].mean():.2f} (n={int((values == v).sum())})"
-                                             for v in np.unique(values)), flush=True)
+        for field in CONDITION_FIELDS:
+            print(f"  {field:8s}" + ", ".join(f"{value} {r:.2f} (n={n})" for (name, value), (r, n) in recall.items()
+                                             if name == field), flush=True)
 
 
 if __name__ == "__main__":

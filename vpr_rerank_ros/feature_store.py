@@ -71,7 +71,8 @@ def check_name(key: str) -> str:
     return key
 
 
-def _open(path: Path, mode: str) -> h5py.File:
+def open_h5(path: str | Path, mode: str) -> h5py.File:
+    """The HDF5 file at `path`; a ValueError naming it when it is not one."""
     try:
         return h5py.File(path, mode)
     except OSError as exc:
@@ -84,7 +85,7 @@ class FeatureStore:
 
     def __init__(self, path: str | Path, extractor: str, settings: dict) -> None:
         self.path = Path(path)
-        self.file = _open(self.path, "a")
+        self.file = open_h5(self.path, "a")
         recorded = (self.file.attrs.get("extractor"), self.file.attrs.get("settings"))
         wanted = (extractor, json.dumps(settings, sort_keys=True))
         if recorded == (None, None):
@@ -161,7 +162,7 @@ class FeatureFile:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self.file = _open(self.path, "r")
+        self.file = open_h5(self.path, "r")
         attrs = self.file.attrs
         missing = [a for a in ("extractor", "settings", "count", "dim", "dtype") if a not in attrs]
         if missing:

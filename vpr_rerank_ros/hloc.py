@@ -16,7 +16,7 @@ import h5py
 import numpy as np
 
 from .descriptors.model import check_unit_rows
-from .feature_store import FeatureStore, check_name, entry_names, read_entry
+from .feature_store import FeatureStore, check_name, entry_names, open_h5, read_entry
 
 GLOBAL_DATASET = "global_descriptor"
 
@@ -42,17 +42,10 @@ def match_names(names: Sequence[str], items: Sequence[tuple[str, str]], source: 
     return matched
 
 
-def _open(path: str | Path) -> h5py.File:
-    try:
-        return h5py.File(path, "r")
-    except OSError as exc:
-        raise ValueError(f"{path}: not a readable HDF5 file ({exc})") from exc
-
-
 def read_global_features(path: str | Path, items: Sequence[tuple[str, str]]) -> np.ndarray:
     """(N, D) float32 unit rows from hloc's `global-feats-*.h5` for the (key, path) items, in their order. Rows
     must be L2-normalised within their stored type's tolerance (hloc stores float16) and are renormalised."""
-    with _open(path) as file:
+    with open_h5(path, "r") as file:
         names = match_names(entry_names(file), items, path)
         rows, dim, half = [], None, False
         for name in names:
@@ -74,7 +67,7 @@ def import_local_features(path: str | Path, items: Sequence[tuple[str, str]], ou
     """hloc's `feats-*.h5` entries of the (key, path) items, written to `out` under their keys (keypoints as
     float32, descriptors as stored) as the map's features file; one descriptor size and type throughout."""
     path = Path(path)
-    with _open(path) as file:
+    with open_h5(path, "r") as file:
         names = match_names(entry_names(file), items, path)
         extractor = path.stem.removeprefix("feats-")
         with FeatureStore(out, extractor, {"source": path.name}) as store:

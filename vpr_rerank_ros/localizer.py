@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
+from scipy.spatial import cKDTree
 
 from .descriptors.extract import DescriptorExtractor, pick_device
 from .descriptors.model import GlobalDescriptor
@@ -128,7 +129,7 @@ class Localizer:
         bundle.check_model(model)
         self.bundle, self.settings = bundle, settings
         self._centre = (float(np.mean(bundle.table.lat)), float(np.mean(bundle.table.lon)))
-        self.spacing_m = map_spacing(bundle.table.easting, bundle.table.northing)
+        self.spacing_m = map_spacing(bundle.xy_tree)
         self.device = pick_device(settings.device)
         if settings.backend == "onnxruntime":
             from .onnx_export import OnnxDescriptorExtractor
@@ -268,12 +269,13 @@ class Localizer:
         cluster = weights * agree / (weights * agree).sum()
         mean = cluster @ xy
         local = (s.position_floor_m ** 2 + self.spacing_m ** 2 / 12 * (cluster ** 2).sum()) * np.eye(2)
-        candidates = np.stack([table.easting[ids], table.northing[ids]], axis=1) - mean
+        positions = np.stack([table.easting[ids], table.northing[ids]], axis=1)
+        candidates = positions - mean
         ratio = distinctiveness(similarities, float(similarities[:s.pose_matches][agree].max()),
                                 np.hypot(*candidates.T) > s.agree_radius_m)
         distinct = float(np.clip((ratio - s.ambiguous_ratio) / (s.distinct_ratio - s.ambiguous_ratio), 0.0, 1.0))
         trust = support * distinct
-        where = _place_weights(candidates + mean, fix)
+        where = _place_weights(positions, fix)
         covariance = local + (1.0 - trust) * (where[:, None] * candidates).T @ candidates
         angles = np.radians(table.heading[top])
         unit = np.stack([np.sin(angles), np.cos(angles)], axis=1)
@@ -289,16 +291,13 @@ class Localizer:
                             distinctiveness=ratio)
 
 
-def map_spacing(easting: np.ndarray, northing: np.ndarray, sample: int = 10_000) -> float:
-    """The median distance (m) from a map image to its nearest neighbour, over at most `sample` images (a fixed
-    choice): how far apart the places are that a camera is matched to."""
-    from scipy.spatial import cKDTree
-
-    xy = np.stack([easting, northing], axis=1).astype(np.float64)
-    if len(xy) < 2:
+def map_spacing(tree: cKDTree, sample: int = 10_000) -> float:
+    """The median distance (m) from a map image to its nearest neighbour (`tree`: the map's positions), over at
+    most `sample` images (a fixed choice): how far apart the places are that a camera is matched to."""
+    if tree.n < 2:
         return 0.0
-    picked = xy[np.linspace(0, len(xy) - 1, min(sample, len(xy))).astype(np.int64)]
-    return float(np.median(cKDTree(xy).query(picked, k=2)[0][:, 1]))
+    picked = tree.data[np.linspace(0, tree.n - 1, min(sample, tree.n)).astype(np.int64)]
+    return float(np.median(tree.query(picked, k=2)[0][:, 1]))
 
 
 def _place_weights(xy: np.ndarray, fix: tuple[np.ndarray, float] | None) -> np.ndarray:

@@ -474,7 +474,8 @@ class MapBundle:
         return len(self.table)
 
     @cached_property
-    def _xy_tree(self) -> cKDTree:
+    def xy_tree(self) -> cKDTree:
+        """A KD-tree of the map images' (easting, northing): GPS-restricted search and the localizer's spacing."""
         return cKDTree(np.stack([self.table.easting, self.table.northing], axis=1))
 
     def hint_from_latlon(self, lat, lon) -> np.ndarray:
@@ -539,7 +540,7 @@ class MapBundle:
             if radius is None or not (np.isfinite(radius) and radius > 0):
                 raise ValueError(f"a GPS hint needs a positive radius in metres, got {radius}")
             hinted = np.flatnonzero(np.isfinite(hint_xy).all(axis=1))
-            for q, near in zip(hinted, self._xy_tree.query_ball_point(hint_xy[hinted], r=radius)):
+            for q, near in zip(hinted, self.xy_tree.query_ball_point(hint_xy[hinted], r=radius)):
                 if not near:
                     fallback[q] = True
                     continue

@@ -415,13 +415,11 @@ class LocalizerCore:
 
     def _on_matched(self, info) -> None:
         """A camera publisher came or went: with image_qos_reliability auto, follow it now."""
-        if self.p["image_qos_reliability"] == "auto":
-            self._follow_publishers()
+        self._follow_publishers()
 
     def _on_incompatible(self, info) -> None:
         if self.p["image_qos_reliability"] == "auto":
-            self._follow_publishers()
-            return
+            return self._follow_publishers()
         policy = QoSPolicyKind(int(info.last_policy_kind)).name.lower()
         self.get_logger().warning(
             f"a publisher of {self.image_sub.topic_name} is not matched: its {policy} QoS "
@@ -585,6 +583,8 @@ class LocalizerCore:
     def _follow_publishers(self) -> None:
         """With image_qos_reliability auto, re-subscribe when the camera's publishers call for the other
         reliability (checked when one is matched or found incompatible, and at every diagnostics period)."""
+        if self.p["image_qos_reliability"] != "auto":
+            return
         reliability = self._image_reliability()
         if reliability != self.image_qos.reliability:
             self._subscribe_images(reliability)
@@ -671,8 +671,7 @@ class LocalizerCore:
 
     def _diagnostics(self) -> None:
         """The diagnostics period: follow the camera's publishers (image_qos_reliability auto), then report."""
-        if self.p["image_qos_reliability"] == "auto":
-            self._follow_publishers()
+        self._follow_publishers()
         with self.lock:
             stats = dict(self.stats)
         localizer = self.localizer

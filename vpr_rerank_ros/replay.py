@@ -55,6 +55,11 @@ class GpsTrack:
             hint = hint_from_fix(msg)
             if hint is not None:
                 fixes.append((stamp_ns(msg.header), hint[0], hint[1]))
+        return cls.from_fixes(fixes, zone)
+
+    @classmethod
+    def from_fixes(cls, fixes: list[tuple[int, float, float]], zone: UtmZone) -> GpsTrack | None:
+        """The track of (stamp ns, lat, lon) fixes in any order; None when there are none."""
         if not fixes:
             return None
         stamps, lat, lon = (np.array(v) for v in zip(*sorted(fixes)))
@@ -196,15 +201,15 @@ def replay_bag(path: str | Path, localizer: Localizer, request: ReplayInput = Re
     covariance are the temporal filter's after that frame (as the node publishes them with `filter: true`)."""
     zone = localizer.bundle.table.zone
     topics, truth = open_drive(path, request, zone)
-    gps = GpsTrack.read(path, topics.gps, zone) if topics.gps else None
-    fix, frames, skipped = None, [], {}
-    hints = {topics.gps} if use_gps and topics.gps else set()
-    for topic, msgtype, _, raw in iter_bag(path, {topics.image} | hints):
+    fix, fixes, frames, skipped = None, [], [], {}
+    for topic, msgtype, _, raw in iter_bag(path, {topics.image, topics.gps} - {None}):   # one pass for both
         msg = TYPESTORE.deserialize_cdr(raw, msgtype)
         stamp = stamp_ns(msg.header)
         if topic == topics.gps:
             hint = hint_from_fix(msg)
-            fix = (*hint, stamp) if hint is not None else fix
+            if hint is not None:
+                fix = (*hint, stamp)
+                fixes.append((stamp, hint[0], hint[1]))
             continue
         reason = skip_reason(truth, stamp)
         if reason is not None:
@@ -225,6 +230,7 @@ def replay_bag(path: str | Path, localizer: Localizer, request: ReplayInput = Re
         frames.append(FrameEstimate(stamp, result.easting, result.northing,
                                     [(m.easting, m.northing) for m in result.matches], result.confidence,
                                     result.gps_used, result.position_covariance, latency_ms))
+    gps = GpsTrack.from_fixes(fixes, zone)
     try:
         return score_frames(frames, truth, skipped, gps, gps_max_age_s, radius, ks, localizer.bundle.table)
     except ValueError as exc:
