@@ -1,6 +1,7 @@
 """A camera driver in its own process, for the node's QoS tests: publishes 1920x1080 rgb8 sensor_msgs/Image frames
 (6.2 MB) on /image with the given reliability (keep last 5, as camera drivers do) at up to `rate` Hz for
-`seconds` once the node has subscribed, then prints `sent N`.
+`seconds` once the node has subscribed. Prints its progress, one line each: `subscribed` (or `no subscriber`, and
+exits 1), then `sent N` once the last frame is out.
 
     python frame_publisher.py reliable|best_effort SECONDS RATE IMAGE
 """
@@ -25,9 +26,13 @@ def main(reliability: str, seconds: float, rate: float, image_path: str) -> None
     publisher = node.create_publisher(Image, "/image", qos)
     rgb = cv2.resize(read_rgb(image_path), (WIDTH, HEIGHT))   # a town frame at full size
     msg = Image(height=HEIGHT, width=WIDTH, encoding="rgb8", step=WIDTH * 3, data=rgb.tobytes())
-    end = time.monotonic() + 120
+    end = time.monotonic() + 60
     while publisher.get_subscription_count() == 0 and time.monotonic() < end:
         time.sleep(0.1)
+    if publisher.get_subscription_count() == 0:
+        print("no subscriber", flush=True)
+        sys.exit(1)
+    print("subscribed", flush=True)
     time.sleep(0.5)   # discovery of the node's reader completes
     start, sent = time.monotonic(), 0
     while time.monotonic() - start < seconds:

@@ -6,6 +6,7 @@ the node says so, loudly. The rule that turns counters into that warning is chec
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,24 @@ pytestmark = pytest.mark.ros
 
 SECONDS, RATE_HZ = 3.0, 30.0
 PROFILE = REPO / "config" / "fastdds_large_frames.xml"
+
+
+def run_camera(command: list[str], env: dict, client) -> int:
+    """Run the camera process while the client spins; the number of frames it sent. Its `sent N` line ends the wait:
+    how long its own DDS teardown takes is not what is tested (it is killed after 10 s more)."""
+    camera = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(camera.stdout), daemon=True)
+    reader.start()
+    finished = client.spin_until(lambda: any(line.startswith("sent") for line in lines) or camera.poll() is not None,
+                                 120)
+    if not client.spin_until(lambda: camera.poll() is not None, 10):
+        camera.kill()
+    camera.wait()
+    reader.join(5)
+    sent = [int(line.split()[1]) for line in lines if line.startswith("sent")]
+    assert finished and sent, f"the camera process printed no `sent` line (exit {camera.returncode}): {lines}"
+    return sent[0]
 
 
 def drive_camera(synthetic_map, tmp_path, reliability: str, profile: bool):
@@ -35,11 +54,8 @@ def drive_camera(synthetic_map, tmp_path, reliability: str, profile: bool):
         diagnostics = client.collect(DiagnosticArray, "/diagnostics", 10)
         assert client.spin_until(lambda: not node.alive() or client.node.count_subscribers("/image"), 120)
         assert node.alive(), node.log()
-        camera = subprocess.Popen([sys.executable, str(Path(__file__).parent / "frame_publisher.py"), reliability,
-                                   str(SECONDS), str(RATE_HZ), str(image)], env=env, stdout=subprocess.PIPE, text=True)
-        assert client.spin_until(lambda: camera.poll() is not None, 60), "the camera process hung"
-        assert camera.returncode == 0
-        sent = int(camera.stdout.read().split()[-1])
+        sent = run_camera([sys.executable, str(Path(__file__).parent / "frame_publisher.py"), reliability,
+                           str(SECONDS), str(RATE_HZ), str(image)], env, client)
         client.spin_for(2.5)                  # the node processes its last frame and reports
         assert diagnostics, node.log()
         values = diagnostics_values(diagnostics[-1])
