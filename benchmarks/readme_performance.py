@@ -2,10 +2,11 @@
 benchmarks/results/ and, with --demo, the demo's tables from demo_output/demo.log.
 
 benchmarks/run.sh (`make bench`) runs the CPU benchmarks and saves each output as
-benchmarks/results/cpu-<script>.txt; `benchmarks/run.sh gpu` does the same on a CUDA machine (gpu-<script>.txt). Each saved file starts with a line
-saying when and where it was measured. This script puts them, unedited, between the README's performance markers,
-so every figure there is one a script printed. `make demo` saves the demo's output in demo_output/demo.log after a
-line of the same kind; `--demo` puts its re-ranking and live-replay tables, unedited, between the demo markers.
+benchmarks/results/cpu-<script>.txt; `benchmarks/run.sh gpu` does the same on a CUDA machine (gpu-<script>.txt).
+Each saved file starts with a line saying when and where it was measured. This script puts them, unedited, between
+the README's performance markers, so every figure there is one a script printed. `make demo` saves the demo's
+output in demo_output/demo.log after a line of the same kind; `--demo` puts its re-ranking and live-replay tables,
+unedited, between the demo markers.
 """
 from __future__ import annotations
 
@@ -15,11 +16,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 BEGIN, END = "<!-- performance:begin (benchmarks/readme_performance.py) -->", "<!-- performance:end -->"
-ORDER = ("million_map", "frame_latency", "rerank", "geometry", "descriptors", "train_step", "synth_town",
-         "calibration")
+ORDER = ("million_map", "frame_latency", "rerank", "geometry", "descriptors", "offline_descriptor", "train_step",
+         "synth_town", "calibration")
 TITLES = {"million_map": "A million-image map", "frame_latency": "One frame end to end",
           "rerank": "Re-rankers, and the references they are checked against", "geometry": "Positional affinity",
-          "descriptors": "Descriptor extraction", "train_step": "Training steps", "synth_town": "The synthetic town",
+          "descriptors": "Descriptor extraction",
+          "offline_descriptor": "The offline default descriptor's backbone block, per condition and on real photos",
+          "train_step": "Training steps", "synth_town": "The synthetic town",
           "calibration": "Covariance calibration and the temporal filter on the demo drive, by day and at night in fog"}
 DEMO_LOG = ROOT / "demo_output" / "demo.log"
 DEMO_BEGIN, DEMO_END = "<!-- demo:begin (benchmarks/readme_performance.py --demo) -->", "<!-- demo:end -->"

@@ -55,6 +55,7 @@ else
     run rerank 900
     run geometry 900
     run descriptors 600
+    run offline_descriptor 1200     # needs `make demo`'s towns
     run train_step 600
     run calibration 1800    # needs `make demo`'s map and drive
 fi

@@ -147,3 +147,52 @@ def test_vpr_eval_geometric_adds_a_verified_row_per_reranker(synthetic_map, synt
     assert eval_main([*args, "--map", str(synthetic_map_with_features.root), "--geometric", "topn=3"]) == 1
     assert "geometric verification has no parameter 'topn'" in capsys.readouterr().err
     assert len(calls) == 32                                  # refused before any query was described
+
+
+def test_vpr_eval_on_geotagged_photos_matches_the_msls_side(synthetic_map, tmp_path, capsys):
+    """The city's queries given as a CSV of paths and poses (--queries) score exactly as its MSLS query side."""
+    root, report = synthetic_map
+    query = load_side(root / "msls", "synth0", "query")
+    photos = tmp_path / "queries.csv"
+    with open(photos, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["key", "path", "lat", "lon", "heading"])
+        for i, key in enumerate(query.keys):
+            writer.writerow([key, query.image_path(i), query.lat[i], query.lon[i], query.heading[i]])
+    common = ["--map", str(report.bundle.root), "-K", "20", "--reranker", "none", "--reranker", "superglobal"]
+    assert eval_main(["--msls", str(root / "msls"), "--city", "synth0", *common, "--out", str(tmp_path / "a")]) == 0
+    assert eval_main(["--queries", str(photos), *common, "--out", str(tmp_path / "b")]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == f"results written to {tmp_path / 'b'}"
+    msls, csv_rows = (list(csv.DictReader(open(tmp_path / side / "results.csv"))) for side in "ab")
+    assert msls == csv_rows and int(msls[0]["queries"]) == 32
+    assert (tmp_path / "a" / "predictions_none.txt").read_text() == (tmp_path / "b" / "predictions_none.txt").read_text()
+    for wrong in (["--queries", str(photos), "--city", "synth0"], ["--msls", str(root / "msls")],
+                  ["--queries", str(photos), "--subtask", "s2w"]):
+        with pytest.raises(SystemExit):
+            eval_main([*wrong, *common])
+        assert "--queries" in capsys.readouterr().err
+    assert eval_main(["--queries", str(tmp_path / "none.csv"), *common]) == 1
+    assert "none.csv" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_vpr_eval_geometric_on_the_lund_photos(shared_data, tmp_path, capsys):
+    """Real photos: a map of the even Lund frames with RootSIFT features, the odd frames as --queries (EXIF GPS),
+    re-ranked and geometrically verified."""
+    even, odd = tmp_path / "even", tmp_path / "odd"
+    even.mkdir()
+    odd.mkdir()
+    for path in sorted((shared_data / "lund").glob("*.jpg")):
+        (even if int(path.stem) % 2 == 0 else odd).joinpath(path.name).symlink_to(path)
+    assert map_main(["build", "--out", str(tmp_path / "map"), "--images", str(even), "--local-features",
+                     "rootsift"]) == 0
+    capsys.readouterr()
+    assert eval_main(["--queries", str(odd), "--map", str(tmp_path / "map"), "-K", "10", "--reranker", "none",
+                      "--geometric", "top_n=10", "--out", str(tmp_path / "eval")]) == 0
+    output = capsys.readouterr().out
+    print(output)
+    assert output.startswith("odd: 15 queries with positives, K = 10"), output
+    rows = list(csv.DictReader(open(tmp_path / "eval" / "results.csv")))
+    assert [r["reranker"] for r in rows] == ["none", "none+geometric"]
+    assert float(rows[0]["map@1"]) >= 0.8 and float(rows[1]["map@1"]) >= float(rows[0]["map@1"]) - 0.07
+    assert 0 < float(rows[1]["fired"])               # real photos of one street: the matcher has evidence

@@ -387,10 +387,14 @@ def _reranker_spec(text: str) -> tuple[str, dict]:
 
 def eval_main(argv: list[str] | None = None) -> int:
     """`vpr-eval`: re-rankers compared on an MSLS-layout dataset (thesis Table 4.1 layout)."""
-    parser = argparse.ArgumentParser(prog="vpr-eval", description="Compare re-rankers on MSLS-layout queries.")
-    parser.add_argument("--msls", required=True, help="MSLS root (real or synthetic)")
-    parser.add_argument("--city", required=True, help="city whose query side is evaluated")
-    parser.add_argument("--map", required=True, help="map built from that city's database side (vpr-map build --msls)")
+    parser = argparse.ArgumentParser(prog="vpr-eval", description="Compare re-rankers on MSLS-layout queries, or on "
+                                     "geotagged photos (a folder with EXIF GPS, or a CSV as vpr-map build reads).")
+    parser.add_argument("--msls", help="MSLS root (real or synthetic); with --city")
+    parser.add_argument("--city", help="city whose query side is evaluated")
+    parser.add_argument("--queries", help="instead of --msls/--city: a folder of photos with EXIF GPS, or a CSV of "
+                                          "path, lat, lon (or easting, northing, zone), heading")
+    parser.add_argument("--map", required=True, help="map of the same place (vpr-map build, e.g. from the city's "
+                                                     "database side)")
     parser.add_argument("--model", help="descriptor weights, if the map does not store its model")
     parser.add_argument("--descriptors", help="HDF5 of precomputed query descriptors keyed by image key (datasets "
                                               "keys, descriptors) instead of describing the query images")
@@ -409,6 +413,11 @@ def eval_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="folder for results.csv, results.md and one prediction file per re-ranker")
     parser.add_argument("--device", default="cpu", help="device for re-ranking (default cpu)")
     args = parser.parse_args(argv)
+    msls = (args.msls, args.city)
+    if (args.queries is None and None in msls) or (args.queries is not None and msls != (None, None)):
+        parser.error("give the queries as --msls ROOT --city CITY, or as --queries FOLDER|CSV")
+    if args.queries is not None and args.subtask != "all":
+        parser.error("--subtask applies to MSLS queries only")
     return report_user_errors("vpr-eval", lambda: _evaluate(args))
 
 
@@ -422,6 +431,7 @@ def _evaluate(args) -> int:
 
     import yaml
 
+    from .datasets import geotagged
     from .datasets.msls import load_side
     from .descriptors.extract import read_descriptors
     from .evaluation import (compare_rerankers, evaluate_queries, format_conditions, format_table, query_features,
@@ -439,7 +449,12 @@ def _evaluate(args) -> int:
     if args.geometric is not None:           # refused before anything is described
         geometric = geometric_settings(args.geometric)
         bundle.local_extractor()
-    query = load_side(args.msls, args.city, "query", args.subtask)
+    if args.queries is None:
+        query = load_side(args.msls, args.city, "query", args.subtask)
+    else:
+        photos = Path(args.queries)
+        images = geotagged.from_folder(photos) if photos.is_dir() else geotagged.from_csv(photos)
+        query = geotagged.as_query_side(images, photos)
     if args.descriptors:
         rows, identity = read_descriptors(args.descriptors, list(query.keys))
         bundle.check_descriptors(rows, identity, args.descriptors)
@@ -448,7 +463,7 @@ def _evaluate(args) -> int:
         run = evaluate_queries(bundle, map_model(bundle, args.model), query, k=args.top_k)
     rows = compare_rerankers(bundle, run, specs or list(COMPARED), grid=args.grid, device=args.device,
                              warn=_warn("vpr-eval"))
-    print(f"{args.city}: {run.metrics['queries']} queries with positives, K = {args.top_k}")
+    print(f"{query.city}: {run.metrics['queries']} queries with positives, K = {args.top_k}")
     if geometric is not None:
         features = query_features(bundle, run)
         rows = [r for row in rows for r in (row, verify_row(bundle, run, row, features, geometric))]

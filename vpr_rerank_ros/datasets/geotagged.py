@@ -17,7 +17,7 @@ import numpy as np
 
 from ..geo import UtmZone, latlon_to_utm, meridian_convergence_deg, utm_to_latlon
 from ..mapdb import MapTable
-from .msls import load_side, read_columns
+from .msls import MslsSide, load_side, read_columns
 
 log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -229,3 +229,16 @@ def from_msls(root: str | Path, cities: Sequence[str]) -> ImageSet:
                      heading=compass - meridian_convergence_deg(lat, lon, zone), zone=zone, lat=lat, lon=lon, captured_at=np.concatenate([s.captured_at for s in sides]) / 1000.0,
                      path=paths)
     return ImageSet(items=list(zip(keys, paths)), table=table)
+
+
+def as_query_side(images: ImageSet, source: str | Path) -> MslsSide:
+    """Geotagged photos (`from_folder`, `from_csv`) as queries for evaluation, in the shape of an MSLS query side:
+    their own files, compass headings (grid + convergence), one sequence, no subtasks but `all`."""
+    table, n = images.table, len(images.table)
+    compass = (table.heading + meridian_convergence_deg(table.lat, table.lon, table.zone)) % 360.0
+    return MslsSide(city=Path(source).stem, side="query", directory=Path(source), keys=table.keys,
+                    sequence_key=np.full(n, "photos"), frame_number=np.arange(n), subtasks={"all": np.ones(n, bool)},
+                    easting=table.easting, northing=table.northing, lat=table.lat, lon=table.lon, heading=compass,
+                    captured_at=table.captured_at, pano=np.zeros(n, bool), night=np.zeros(n, bool),
+                    view_direction=np.full(n, "", dtype=object), zone=table.zone,
+                    paths=np.array([path for _, path in images.items], dtype=object))

@@ -58,6 +58,7 @@ class MslsSide:
     night: np.ndarray                # (N,) bool
     view_direction: np.ndarray       # (N,) str: Forward / Sideways / Backward ('' when unknown)
     zone: UtmZone | None = field(default=None)
+    paths: np.ndarray | None = None  # (N,) str image files, when not MSLS's <directory>/images/<key>.jpg
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -72,7 +73,7 @@ class MslsSide:
         return np.stack([self.easting, self.northing], axis=1)
 
     def image_path(self, i: int) -> Path:
-        return self.directory / "images" / f"{self.keys[i]}.jpg"
+        return Path(self.paths[i]) if self.paths is not None else self.directory / "images" / f"{self.keys[i]}.jpg"
 
     def image_paths(self) -> list[Path]:
         return [self.image_path(i) for i in range(len(self))]
@@ -84,7 +85,8 @@ class MslsSide:
                        frame_number=take(self.frame_number), subtasks={k: take(v) for k, v in self.subtasks.items()},
                        easting=take(self.easting), northing=take(self.northing), lat=take(self.lat),
                        lon=take(self.lon), heading=take(self.heading), captured_at=take(self.captured_at),
-                       pano=take(self.pano), night=take(self.night), view_direction=take(self.view_direction))
+                       pano=take(self.pano), night=take(self.night), view_direction=take(self.view_direction),
+                       paths=None if self.paths is None else take(self.paths))
 
 
 def split_of(city: str) -> str:

@@ -31,7 +31,7 @@ class DescriptorConfig:
 
     name: str = "VGG16-NetVLAD"
     backbone: str = "vgg16"                 # "vgg16" or "efficientnet_lite0"
-    backbone_block: int = 15                # efficientnet_lite0: last block used (10: 112-D, 15: 320-D)
+    backbone_block: int = 15                # efficientnet_lite0: last block used (10: 112-D, 11: 192-D, 15: 320-D)
     clusters: int = 64
     local_dim: int = 512
     assign_bias: bool = False               # pytorch-NetVlad "vladv2" has a bias on the assignment conv

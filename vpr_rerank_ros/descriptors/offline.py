@@ -24,11 +24,12 @@ OFFLINE_NOTES = ("ImageNet EfficientNet-Lite0 backbone with NetVLAD centres and 
                  "own images; not trained for place recognition.")
 
 
-def offline_config(backbone_block: int = 15, clusters: int = 64, whiten_dim: int | None = 4096,
+def offline_config(backbone_block: int = 11, clusters: int = 64, whiten_dim: int | None = 4096,
                    max_side: int = 320) -> DescriptorConfig:
-    """Configuration of the offline default (EfficientNet-Lite0's own input normalisation). Images are
-    described at most 320 px on their longer side by default: 26 images/s on a 2-core CPU, against
-    about 4 at 640 px."""
+    """Configuration of the offline default (EfficientNet-Lite0's own input normalisation). Its local features
+    are block 11's (192-D, stride 32), not the last block's: ImageNet's class-specific last block tells places apart
+    worse under changed light and season, and costs more (benchmarks/offline_descriptor.py, docs/descriptors.md).
+    Images are described at most 320 px on their longer side by default."""
     from .backbones import EfficientNetLite0
 
     return DescriptorConfig(name="EfficientNetLite0-NetVLAD-offline", backbone="efficientnet_lite0",
