@@ -17,8 +17,13 @@ def models() -> dict[str, GlobalDescriptor]:
     tensors = lite.weight_tensors()
     tensors.update({f"backbone.{k}": v for k, v in imagenet_lite0_weights().items() if "num_batches" not in k})
     lite.load_weights(tensors, "ImageNet")
-    return {"VGG16-NetVLAD (32768->4096)": GlobalDescriptor(DescriptorConfig()),
-            "EfficientNet-Lite0 NetVLAD offline (20480->4096)": lite}
+    vgg = GlobalDescriptor(DescriptorConfig())
+    return {f"VGG16-NetVLAD ({dimensions(vgg)})": vgg, f"EfficientNet-Lite0 NetVLAD offline ({dimensions(lite)})": lite}
+
+
+def dimensions(model: GlobalDescriptor) -> str:
+    """'NetVLAD size->output size', e.g. '32768->4096'."""
+    return f"{model.config.clusters * model.config.local_dim}->{model.output_dim}"
 
 
 def throughput(model: GlobalDescriptor, device: str, batch: int, fp16: bool, seconds: float = 8.0) -> float:

@@ -6,9 +6,9 @@ season) where the set has them, with the descriptor's milliseconds per query fra
     .venv/bin/python benchmarks/offline_descriptor.py [--town ROOT:CITY ...] [--lund DIR] [--variants 15:320 11:320]
 
 Sets: synthetic towns in the MSLS layout (database side = map, query side = queries; default `make demo`'s
-demo_output/synth_seed0 and its training town demo_output/training_town_seed0, another seed), and the Lund photos
-(../shared/data/lund: the even-numbered photos as the map, the odd-numbered ones as queries; skipped when
-absent).
+demo_output/synth_seed0 and both cities of its training town demo_output/training_town_seed0, another seed), and the
+Lund photos (../shared/data/lund: the even-numbered photos as the map, the odd-numbered ones as queries; skipped
+when absent).
 """
 from __future__ import annotations
 
@@ -104,13 +104,14 @@ def evaluate(evaluation: EvaluationSet, block: int, side: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--town", action="append", help="ROOT[:CITY] of a synthetic town (repeatable; default "
-                        "demo_output/synth_seed0:synth0 and demo_output/training_town_seed0:synth0)")
+                        "demo_output/synth_seed0:synth0 and demo_output/training_town_seed0's synth0 and synth1)")
     parser.add_argument("--lund", type=Path, default=LUND, help="folder of the Lund photos (skipped when absent)")
     parser.add_argument("--variants", nargs="+", type=variant, default=[(15, 320), (11, 320)],
                         help="BLOCK:MAX_SIDE pairs (default 15:320, the last block, and 11:320, the default)")
     args = parser.parse_args()
     sets = [town(spec) for spec in args.town or ["demo_output/synth_seed0:synth0",
-                                                 "demo_output/training_town_seed0:synth0"]]
+                                                 "demo_output/training_town_seed0:synth0",
+                                                 "demo_output/training_town_seed0:synth1"]]
     if args.lund.is_dir():
         sets.append(lund(args.lund))
     else:
