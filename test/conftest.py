@@ -1,7 +1,8 @@
 """Shared fixtures: where ../shared/data lives, ROS isolation defaults for runs outside `make test`, the shared
-synthetic town, and a check of replay reports' pages."""
+synthetic town, photo sets as users give them (a CSV, the Lund folders), and a check of replay reports' pages."""
 from __future__ import annotations
 
+import csv
 import html
 import os
 import random
@@ -73,6 +74,27 @@ def synthetic_map_with_features(synthetic_map):
     descriptor = {k: v for k, v in asdict(bundle.meta.descriptor).items() if k not in ("dim", "dtype")}
     return MapBundle.build(root / "map_with_features", bundle.table, bundle.descriptors, descriptor,
                            dtype=bundle.meta.descriptor.dtype, attachments={**attachments, FEATURES_FILE: features})
+
+
+def write_photos_csv(query, path: Path, count: int | None = None) -> Path:
+    """The first `count` (default all) images of an MSLS side as the CSV of geotagged photos the map builder reads:
+    key, path, lat, lon, compass heading."""
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["key", "path", "lat", "lon", "heading"])
+        for i in range(len(query) if count is None else count):
+            writer.writerow([query.keys[i], query.image_path(i), query.lat[i], query.lon[i], query.heading[i]])
+    return path
+
+
+def lund_halves(shared_data: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """Folders of links to the even-numbered Lund photos (a map, 14) and the odd-numbered ones (queries, 15)."""
+    even, odd = tmp_path / "even", tmp_path / "odd"
+    even.mkdir()
+    odd.mkdir()
+    for path in sorted((shared_data / "lund").glob("*.jpg")):
+        (even if int(path.stem) % 2 == 0 else odd).joinpath(path.name).symlink_to(path)
+    return even, odd
 
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

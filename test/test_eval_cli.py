@@ -5,6 +5,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from conftest import lund_halves, write_photos_csv
 
 from vpr_rerank_ros.cli import eval_main, map_main
 from vpr_rerank_ros.datasets.msls import load_side, read_predictions
@@ -153,12 +154,7 @@ def test_vpr_eval_on_geotagged_photos_matches_the_msls_side(synthetic_map, tmp_p
     """The city's queries given as a CSV of paths and poses (--queries) score exactly as its MSLS query side."""
     root, report = synthetic_map
     query = load_side(root / "msls", "synth0", "query")
-    photos = tmp_path / "queries.csv"
-    with open(photos, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["key", "path", "lat", "lon", "heading"])
-        for i, key in enumerate(query.keys):
-            writer.writerow([key, query.image_path(i), query.lat[i], query.lon[i], query.heading[i]])
+    photos = write_photos_csv(query, tmp_path / "queries.csv")
     common = ["--map", str(report.bundle.root), "-K", "20", "--reranker", "none", "--reranker", "superglobal"]
     assert eval_main(["--msls", str(root / "msls"), "--city", "synth0", *common, "--out", str(tmp_path / "a")]) == 0
     assert eval_main(["--queries", str(photos), *common, "--out", str(tmp_path / "b")]) == 0
@@ -179,18 +175,13 @@ def test_vpr_eval_on_geotagged_photos_matches_the_msls_side(synthetic_map, tmp_p
 def test_vpr_eval_geometric_on_the_lund_photos(shared_data, tmp_path, capsys):
     """Real photos: a map of the even Lund frames with RootSIFT features, the odd frames as --queries (EXIF GPS),
     re-ranked and geometrically verified."""
-    even, odd = tmp_path / "even", tmp_path / "odd"
-    even.mkdir()
-    odd.mkdir()
-    for path in sorted((shared_data / "lund").glob("*.jpg")):
-        (even if int(path.stem) % 2 == 0 else odd).joinpath(path.name).symlink_to(path)
+    even, odd = lund_halves(shared_data, tmp_path)
     assert map_main(["build", "--out", str(tmp_path / "map"), "--images", str(even), "--local-features",
                      "rootsift"]) == 0
     capsys.readouterr()
     assert eval_main(["--queries", str(odd), "--map", str(tmp_path / "map"), "-K", "10", "--reranker", "none",
                       "--geometric", "top_n=10", "--out", str(tmp_path / "eval")]) == 0
     output = capsys.readouterr().out
-    print(output)
     assert output.startswith("odd: 15 queries with positives, K = 10"), output
     rows = list(csv.DictReader(open(tmp_path / "eval" / "results.csv")))
     assert [r["reranker"] for r in rows] == ["none", "none+geometric"]

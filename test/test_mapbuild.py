@@ -16,6 +16,7 @@ from vpr_rerank_ros.mapbuild import map_model
 from vpr_rerank_ros.mapdb import MapBundle
 from vpr_rerank_ros.evaluation import evaluate_queries
 
+from conftest import lund_halves
 from test_descriptors import small_model
 
 
@@ -150,11 +151,7 @@ def test_vpr_map_query_writes_csv(synthetic_map, tmp_path, capsys):
 @pytest.mark.slow
 def test_lund_even_frames_map_finds_odd_frames(shared_data, tmp_path):
     """Real photos: a map of the even Lund frames (offline default) retrieves each odd frame's place."""
-    even, odd = tmp_path / "even", tmp_path / "odd"
-    even.mkdir()
-    odd.mkdir()
-    for path in sorted((shared_data / "lund").glob("*.jpg")):
-        (even if int(path.stem) % 2 == 0 else odd).joinpath(path.name).symlink_to(path)
+    even, odd = lund_halves(shared_data, tmp_path)
     assert map_main(["build", "--out", str(tmp_path / "map"), "--images", str(even)]) == 0
     out = tmp_path / "q.csv"
     assert map_main(["query", str(tmp_path / "map"), "--images", str(odd), "--top-k", "1", "--out", str(out)]) == 0

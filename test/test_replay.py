@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from conftest import SYNTH_SEED, synth_config
+from conftest import SYNTH_SEED, synth_config, write_photos_csv
 from vpr_rerank_ros.bag import (FIX_TYPE, IMAGE_TYPES, STATUS_FIX, TYPESTORE, GpsFix, fix_message, image_message,
                                 write_messages)
 from vpr_rerank_ros.cli import replay_main
@@ -201,12 +201,7 @@ def test_photos_to_bag_round_trip(synthetic_map, tmp_path, capsys):
 
     root, report = synthetic_map
     query = load_side(root / "msls", "synth0", "query")
-    photos = tmp_path / "photos.csv"
-    with open(photos, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["path", "lat", "lon", "heading"])
-        for path, lat, lon, heading in list(zip(query.image_paths(), query.lat, query.lon, query.heading))[:8]:
-            writer.writerow([path, lat, lon, heading])
+    photos = write_photos_csv(query, tmp_path / "photos.csv", 8)
     bag = tmp_path / "photos_bag"
     assert replay_main(["make-bag", "--csv", str(photos), "--out", str(bag), "--rate", "2", "--gps-noise", "3"]) == 0
     assert f"8 photos written to {bag}" in capsys.readouterr().out
