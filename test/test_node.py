@@ -204,7 +204,8 @@ def test_the_node_verifies_geometrically_and_counts_it(synthetic_map, synthetic_
 
     query, _ = load_city(synthetic_map[0] / "msls", "synth0")
     params = write_params(tmp_path / "params.yaml", map_path=str(synthetic_map_with_features.root), top_k=20,
-                          rate_hz=4.0, geometric=True, geometric_params="{top_n: 10, min_inliers: 10, min_margin: 3}")
+                          rate_hz=4.0, geometric=True, geometric_params="{top_n: 10, min_inliers: 10, min_margin: 3}",
+                          cpu_threads=1)
     with running_node(params, tmp_path) as (node, client):
         diagnostics = client.collect(DiagnosticArray, "/diagnostics", 10)
         images = client.node.create_publisher(Image, "/image", qos_profile_sensor_data)
@@ -221,4 +222,4 @@ def test_the_node_verifies_geometrically_and_counts_it(synthetic_map, synthetic_
     values = diagnostics_values(diagnostics[-1])
     assert int(values["verification_fired"]) >= int(values["verification_changed"])
     assert float(values["latency_local_features_ms"]) > 0 and float(values["latency_verification_ms"]) > 0
-    assert "with none + geometric verification of the top 10 on" in node.log()
+    assert "with none + geometric verification of the top 10 on cpu (torch CPU threads: 1)" in node.log()

@@ -27,6 +27,7 @@ from typing import Callable
 import cv2
 import numpy as np
 import rclpy
+import torch
 import yaml
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from geometry_msgs.msg import PoseWithCovarianceStamped
@@ -88,6 +89,8 @@ PARAMETERS = {  # name: (default, description); every one is documented in confi
     "gps_radius_m": (50.0, "search radius around a GPS hint, plus 3 sigma of the fix"),
     "rate_hz": (10.0, "how often the newest frame is processed, at most"),
     "device": ("auto", "auto, cpu, cuda or cuda:N"),
+    "cpu_threads": (0, "torch's threads for work on the CPU (the descriptor, re-ranking); 0 = torch's default, "
+                       "one per core. Set it below the core count when other processes share the CPU"),
     "filter": (False, "fuse consecutive estimates with the temporal filter (constant velocity, Mahalanobis gating, "
                       "restart after repeated rejections) and publish its position and covariance"),
     "fp16": (False, "float16 autocast for the descriptor on CUDA (backend torch); ignored on the CPU"),
@@ -118,7 +121,7 @@ RUN_TIME = ("reranker", "reranker_params", "top_k", "pose_matches", "publish_mat
 RANGES = {"top_k": (1, INT_MAX), "pose_matches": (1, INT_MAX), "rate_hz": (POSITIVE, math.inf),
           "gps_max_age_s": (0.0, math.inf), "gps_radius_m": (POSITIVE, math.inf),
           "heading_max_age_s": (0.0, math.inf), "odometry_max_age_s": (0.0, math.inf), "image_qos_depth": (1, 100),
-          "camera_yaw_deg": (-360.0, 360.0),
+          "camera_yaw_deg": (-360.0, 360.0), "cpu_threads": (0, 1024),
           "camera_x_m": (-100.0, 100.0), "camera_y_m": (-100.0, 100.0)}
 
 
@@ -265,6 +268,8 @@ class LocalizerCore:
         p = {name: self.get_parameter(name).value for name in PARAMETERS}
         self._validate(p)
         self.p = p
+        if p["cpu_threads"]:
+            torch.set_num_threads(p["cpu_threads"])   # for the whole process: the node owns it
         self.localizer, self.enu = self._load_localizer()
         self.tracker = PoseFilter() if self.p["filter"] else None
         # The reconfiguration thread: map reloads and re-ranker swaps in the order asked for, so a re-ranker is
@@ -280,7 +285,8 @@ class LocalizerCore:
         verifier = self.localizer.verifier
         verified = f" + geometric verification of the top {verifier.settings.top_n}" if verifier else ""
         self.get_logger().info(f"loaded {len(self.localizer.bundle)} map images with {self.p['reranker']}{verified} on "
-                               f"{self.localizer.device}, descriptor with {self.p['backend']}; images converted "
+                               f"{self.localizer.device} (torch CPU threads: {torch.get_num_threads()}), descriptor with "
+                               f"{self.p['backend']}; images converted "
                                f"with {self.conversion}; temporal filter {'on' if self.tracker else 'off'}"
                                f"{' with odometry' if self.p['odometry'] else ''}")
 
