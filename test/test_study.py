@@ -1,6 +1,8 @@
 """`vpr-study` end to end at a tiny size: town, one descriptor for every map, every learned row trained by
-the study, every re-ranker scored on the held-out city, results and figures written; a second run resumes."""
+the study, every re-ranker scored on the held-out city, results and figures written; a second run resumes, one
+with other settings is refused."""
 import csv
+from dataclasses import replace
 
 import pytest
 
@@ -30,3 +32,6 @@ def test_the_study_runs_from_nothing_and_resumes(tmp_path):
     again = []
     assert list(csv.DictReader(open(run_study(3, tmp_path, TINY, log=again.append)))) == rows
     assert not any(line.startswith(("generate town", "epoch")) for line in again)
+    # Resuming with other settings (here the descriptor's block) would mix two studies: refused before any work.
+    with pytest.raises(ValueError, match="holds a study with other settings"):
+        run_study(3, tmp_path, replace(TINY, descriptor_block=15))

@@ -10,6 +10,7 @@ import sys
 from typing import Callable
 
 from .datasets.street_render import SEASONS, TIMES, WEATHERS
+from .descriptors.offline import OFFLINE_BLOCK
 from .local_features import EXTRACTORS, MAX_KEYPOINTS
 from .mapdb import FILES, IndexConfig, MapBundle
 from .localizer import LocalizerSettings
@@ -700,12 +701,15 @@ def study_main(argv: list[str] | None = None) -> int:
                                      "cities and compare every re-ranker on held-out cities (docs/training.md).")
     parser.add_argument("--seed", type=int, required=True, help="seed of the town, the descriptor and training")
     parser.add_argument("--out", required=True, help="study folder (an interrupted study resumes in it)")
+    parser.add_argument("--descriptor-block", type=int, default=OFFLINE_BLOCK,
+                        help=f"EfficientNet-Lite0 block of the offline descriptor (default {OFFLINE_BLOCK}; the "
+                             "README's first study tables used 15, the default before 2026-11-30)")
     args = parser.parse_args(argv)
 
     def run() -> int:
-        from .study import run_study
+        from .study import StudyConfig, run_study
 
-        run_study(args.seed, args.out)
+        run_study(args.seed, args.out, StudyConfig(descriptor_block=args.descriptor_block))
         return 0
 
     return report_user_errors("vpr-study", run)

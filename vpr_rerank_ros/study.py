@@ -23,7 +23,7 @@ from .datasets.msls import load_side
 from .datasets.synth_town import SynthConfig, generate
 from .datasets.town import TownConfig
 from .descriptors.model import load_native, save_model
-from .descriptors.offline import fit_offline_model
+from .descriptors.offline import OFFLINE_BLOCK, fit_offline_model, offline_config
 from .evaluation import Comparison, compare_rerankers, evaluate_queries
 from .mapbuild import build_map
 from .mapdb import MapBundle
@@ -57,6 +57,7 @@ class StudyConfig:
     lr: float = 3e-4
     batch_size: int = 32
     workers: int = 2                # rendering processes
+    descriptor_block: int = OFFLINE_BLOCK   # EfficientNet-Lite0 block of the offline descriptor (15 before 2026-11-30)
 
     @property
     def cities(self) -> int:
@@ -73,7 +74,11 @@ def run_study(seed: int, out: str | Path, config: StudyConfig = StudyConfig(),
     """The whole study into `out`; returns the path of results.csv."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps({"seed": seed, **asdict(config)}, indent=2, default=str) + "\n")
+    settings = json.dumps({"seed": seed, **asdict(config)}, indent=2, default=str) + "\n"
+    if (out / "config.json").exists() and (out / "config.json").read_text() != settings:
+        raise ValueError(f"{out} holds a study with other settings (its config.json): resume it with those, or "
+                         "give another --out")
+    (out / "config.json").write_text(settings)
     timings: dict[str, float] = {}
     train_names, val_names, test_names = config.split()
 
@@ -87,7 +92,7 @@ def run_study(seed: int, out: str | Path, config: StudyConfig = StudyConfig(),
     town = out / "town"
     if not (town / "synth_town.json").exists():
         stage("generate town", lambda: generate(town, config.cities, seed, config.town, config.workers, True))
-    model = stage("fit descriptor", lambda: _descriptor(out, town, train_names[0]))
+    model = stage("fit descriptor", lambda: _descriptor(out, town, train_names[0], config.descriptor_block))
     maps = stage("build maps", lambda: {city: _map(out, town, city, model)
                                         for city in train_names + val_names + test_names})
     sets = stage("retrieve and label", lambda: {city: candidate_set(maps[city], load_side(town, city, "query"),
@@ -102,12 +107,13 @@ def run_study(seed: int, out: str | Path, config: StudyConfig = StudyConfig(),
     return path
 
 
-def _descriptor(out: Path, town: Path, city: str):
+def _descriptor(out: Path, town: Path, city: str, block: int):
     """The one descriptor model of the study, fitted on `city`'s database images (kept in out/)."""
     path = out / "descriptor.safetensors"
     if path.exists():
         return load_native(path)
-    fit = fit_offline_model(geotagged.from_msls(town, [city]).items, progress=True)
+    fit = fit_offline_model(geotagged.from_msls(town, [city]).items, offline_config(backbone_block=block),
+                            progress=True)
     save_model(fit.model, path)
     return fit.model
 

@@ -20,11 +20,12 @@ from .backbones import imagenet_lite0_weights
 from .extract import DescriptorExtractor, Extraction
 from .model import DescriptorConfig, GlobalDescriptor
 
+OFFLINE_BLOCK = 11   # EfficientNet-Lite0 block whose features the offline default pools (see offline_config)
 OFFLINE_NOTES = ("ImageNet EfficientNet-Lite0 backbone with NetVLAD centres and PCA whitening fitted on the map's "
                  "own images; not trained for place recognition.")
 
 
-def offline_config(backbone_block: int = 11, clusters: int = 64, whiten_dim: int | None = 4096,
+def offline_config(backbone_block: int = OFFLINE_BLOCK, clusters: int = 64, whiten_dim: int | None = 4096,
                    max_side: int = 320) -> DescriptorConfig:
     """Configuration of the offline default (EfficientNet-Lite0's own input normalisation). Its local features
     are block 11's (192-D, stride 32), not the last block's: ImageNet's class-specific last block tells places apart
