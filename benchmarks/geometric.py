@@ -144,7 +144,7 @@ def main() -> None:
     parser.add_argument("--latency-only", action="store_true", help="only the per-frame latency at 320x240")
     args = parser.parse_args()
     if args.blas_threads:   # the verifier's limit made a no-op
-        geometric.threadpool_limits = lambda *a, **k: contextlib.nullcontext()
+        geometric._thread_pools().limit = lambda *a, **k: contextlib.nullcontext()
     if not args.latency_only:
         compare_matchers(*street_views(640, 480))
     for setup in SETUPS[:1] if args.latency_only else SETUPS:

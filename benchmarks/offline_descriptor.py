@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from timing import run_times
 
 from vpr_rerank_ros.datasets import geotagged
 from vpr_rerank_ros.datasets.msls import load_city
@@ -85,11 +86,7 @@ def evaluate(evaluation: EvaluationSet, block: int, side: int) -> None:
     near = np.array([int(r[0]) in set(p) for r, p in zip(ranked, evaluation.close_positives)])
     single = DescriptorExtractor(fit.model, "cpu", 1)
     frame = read_rgb(evaluation.queries[0][1])
-    single.describe_arrays([frame])
-    start = time.perf_counter()
-    for _ in range(10):
-        single.describe_arrays([frame])
-    ms = (time.perf_counter() - start) * 100
+    ms = 1e3 * np.mean(run_times(lambda: single.describe_arrays([frame]), 10))
     print(f"{evaluation.name}: block {block}, max side {side}: Recall@1 {100 * hit.mean():.1f} % (n={len(hit)}; "
           f"within 10 m {100 * near.mean():.1f} %), {fit.model.output_dim}-D, "
           f"{ms:.0f} ms per {frame.shape[1]}x{frame.shape[0]} frame, "

@@ -7,10 +7,10 @@ the ~510 k training queries of MSLS (thesis Table 3.1, before filtering)."""
 from __future__ import annotations
 
 import resource
-import time
 
 import torch
 import torch.nn.functional as F
+from timing import median_time
 
 from vpr_rerank_ros.rerank import RerankInputs, build_reranker
 from vpr_rerank_ros.training import ap_loss
@@ -49,13 +49,7 @@ def seconds_per_step(name: str, k: int, params: dict, device: str, repeat: int) 
         if device == "cuda":
             torch.cuda.synchronize()
 
-    step()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+    return median_time(step, repeat)
 
 
 def main() -> None:

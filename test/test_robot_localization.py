@@ -41,7 +41,7 @@ def test_published_poses_satisfy_what_robot_localization_needs(synthetic_map, tm
     root, report = synthetic_map
     query, _ = load_city(root / "msls", "synth0")
     params = write_params(tmp_path / "params.yaml", map_path=str(report.bundle.root), top_k=20, rate_hz=4.0,
-                          filter=filtered)
+                          filter=filtered, position_floor_m=2.0)
     with running_node(params, tmp_path) as (node, client):
         poses = client.collect(PoseWithCovarianceStamped, ekf()["pose0"], 10)
         images = client.node.create_publisher(Image, "/image", qos_profile_sensor_data)
@@ -56,6 +56,8 @@ def test_published_poses_satisfy_what_robot_localization_needs(synthetic_map, tm
         cov = np.asarray(pose.pose.covariance).reshape(6, 6)
         assert np.allclose(cov, cov.T) and (np.diag(cov) > 0).all()
         assert np.linalg.eigvalsh(cov).min() > 0                                   # positive definite
+        if not filtered:                              # the frame's own estimate: at least the configured floor
+            assert np.linalg.eigvalsh(cov[:2, :2]).min() >= 2.0 ** 2 - 1e-6
         q = pose.pose.pose.orientation
         assert abs(q.x * q.x + q.y * q.y + q.z * q.z + q.w * q.w - 1.0) < 1e-9     # a unit quaternion
     assert f"temporal filter {'on' if filtered else 'off'}" in node.log()

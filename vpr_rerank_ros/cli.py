@@ -9,7 +9,6 @@ import math
 import sys
 from typing import Callable
 
-from .datasets.street_render import SEASONS, TIMES, WEATHERS
 from .descriptors.offline import OFFLINE_BLOCK
 from .local_features import EXTRACTORS, MAX_KEYPOINTS
 from .mapdb import FILES, IndexConfig, MapBundle
@@ -315,6 +314,8 @@ def size_argument(text: str) -> tuple[int, int]:
 
 def synth_main(argv: list[str] | None = None) -> int:
     """`vpr-synth`: generate synthetic towns in the MSLS layout, and optionally a query-drive bag."""
+    from .datasets.street_render import SEASONS, TIMES, WEATHERS   # the whole datasets package: only here
+
     parser = argparse.ArgumentParser(prog="vpr-synth", description=synth_main.__doc__.split(":", 1)[1].strip())
     parser.add_argument("--out", help="MSLS root directory to write (train_val/<city>/...)")
     parser.add_argument("--cities", type=int, default=3, help="number of towns (default 3)")

@@ -164,6 +164,14 @@ def heading_to_yaw(heading_deg):
     return -((-yaw + np.pi) % (2 * np.pi) - np.pi)
 
 
+def body_to_grid(heading_deg: float) -> np.ndarray:
+    """The 2x2 rotation taking a vector in a vehicle's body frame (REP-103: x forward, y left) into the map's grid
+    (x east, y north), for the vehicle's grid heading in compass degrees."""
+    yaw = float(heading_to_yaw(heading_deg))
+    c, s = math.cos(yaw), math.sin(yaw)
+    return np.array([[c, -s], [s, c]])
+
+
 def quaternion_yaw(x: float, y: float, z: float, w: float) -> float:
     """Yaw (radians, about z, REP-103) of an orientation quaternion; a ValueError when it is not finite or
     has no length (ROS's "no orientation" is all zeros)."""

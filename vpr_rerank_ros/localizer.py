@@ -14,7 +14,7 @@ from scipy.spatial import cKDTree
 
 from .descriptors.extract import DescriptorExtractor, pick_device
 from .descriptors.model import GlobalDescriptor
-from .geo import UtmZone, compass_to_grid, heading_difference, utm_to_latlon
+from .geo import UtmZone, body_to_grid, compass_to_grid, heading_difference, utm_to_latlon
 from .geometric import Features, GeometricSettings, GeometricVerifier, Verification
 from .mapdb import MapBundle
 from .rerank import Reranker, build_reranker, rerank_inputs, rerank_order
@@ -92,9 +92,7 @@ class Localization:
         heading = (self.heading + camera_yaw_deg) % 360.0           # the vehicle's grid heading
         if forward_m == left_m == 0:
             return replace(self, heading=heading)                      # same place: no projection per frame
-        h = math.radians(heading)
-        east = self.easting - (forward_m * math.sin(h) - left_m * math.cos(h))
-        north = self.northing - (forward_m * math.cos(h) + left_m * math.sin(h))
+        east, north = np.array([self.easting, self.northing]) - body_to_grid(heading) @ [forward_m, left_m]
         lat, lon = utm_to_latlon(east, north, zone)
         return replace(self, easting=east, northing=north, heading=heading, lat=float(lat), lon=float(lon))
 
@@ -263,13 +261,13 @@ class Localizer:
         logits = similarities[:s.pose_matches].astype(np.float64) / s.temperature
         weights = np.exp(logits - logits.max())
         weights /= weights.sum()
-        xy = np.stack([table.easting[top], table.northing[top]], axis=1)
+        positions = np.stack([table.easting[ids], table.northing[ids]], axis=1)
+        xy = positions[:s.pose_matches]
         agree = (np.hypot(*(xy - xy[0]).T) <= s.agree_radius_m) & \
             (heading_difference(table.heading[top], table.heading[top[0]]) <= 90.0)
         cluster = weights * agree / (weights * agree).sum()
         mean = cluster @ xy
         local = (s.position_floor_m ** 2 + self.spacing_m ** 2 / 12 * (cluster ** 2).sum()) * np.eye(2)
-        positions = np.stack([table.easting[ids], table.northing[ids]], axis=1)
         candidates = positions - mean
         ratio = distinctiveness(similarities, float(similarities[:s.pose_matches][agree].max()),
                                 np.hypot(*candidates.T) > s.agree_radius_m)

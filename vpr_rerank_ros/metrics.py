@@ -124,7 +124,10 @@ def _points(xy, name: str) -> np.ndarray:
     return xy
 
 
-def localization_errors(estimated_xy, true_xy, radii: Sequence[float] = (5.0, 10.0, 25.0)) -> dict:
+RADII_M = (5.0, 10.0, 25.0)    # the within_<r>m shares that localisation reports give
+
+
+def localization_errors(estimated_xy, true_xy, radii: Sequence[float] = RADII_M) -> dict:
     """Statistics of the planar distance between estimated and true positions, metres.
 
     Rows of `estimated_xy` that are NaN mean "no estimate for this frame": they count as failures

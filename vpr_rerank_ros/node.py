@@ -87,6 +87,8 @@ PARAMETERS = {  # name: (default, description); every one is documented in confi
     "datum_lon": (float("nan"), "ENU datum longitude; NaN = the map's centre"),
     "gps_max_age_s": (GPS_MAX_AGE_S, "GPS fixes further than this from the image stamp (either way) are ignored"),
     "gps_radius_m": (50.0, "search radius around a GPS hint, plus 3 sigma of the fix"),
+    "position_floor_m": (LocalizerSettings.position_floor_m, "least 1-sigma of a trusted position (metres): raise "
+                                                             "it to the map images' own position error"),
     "rate_hz": (10.0, "how often the newest frame is processed, at most"),
     "device": ("auto", "auto, cpu, cuda or cuda:N"),
     "cpu_threads": (0, "torch's threads for work on the CPU (the descriptor, re-ranking); 0 = torch's default, "
@@ -120,6 +122,7 @@ TAKES = {bool: "true or false", int: "an integer", float: "a number with a decim
 RUN_TIME = ("reranker", "reranker_params", "top_k", "pose_matches", "publish_matches")   # the rest are read-only
 RANGES = {"top_k": (1, INT_MAX), "pose_matches": (1, INT_MAX), "rate_hz": (POSITIVE, math.inf),
           "gps_max_age_s": (0.0, math.inf), "gps_radius_m": (POSITIVE, math.inf),
+          "position_floor_m": (POSITIVE, math.inf),
           "heading_max_age_s": (0.0, math.inf), "odometry_max_age_s": (0.0, math.inf), "image_qos_depth": (1, 100),
           "camera_yaw_deg": (-360.0, 360.0), "cpu_threads": (0, 1024),
           "camera_x_m": (-100.0, 100.0), "camera_y_m": (-100.0, 100.0)}
@@ -381,7 +384,8 @@ class LocalizerCore:
     @staticmethod
     def _settings(p: dict, map_size: int) -> LocalizerSettings:
         return LocalizerSettings(top_k=min(p["top_k"], map_size), pose_matches=min(p["pose_matches"], map_size),
-                                 gps_radius_m=p["gps_radius_m"], device=p["device"], fp16=p["fp16"], backend=p["backend"],
+                                 gps_radius_m=p["gps_radius_m"], position_floor_m=p["position_floor_m"],
+                                 device=p["device"], fp16=p["fp16"], backend=p["backend"],
                                  onnx_model=p["onnx_model"], onnx_providers=p["onnx_providers"])
 
     def _load_localizer(self) -> tuple[Localizer, EnuFrame]:
@@ -830,16 +834,10 @@ class ManagedLocalizerNode(LocalizerCore, LifecycleNode):
         return TransitionCallbackReturn.SUCCESS
 
     def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
-        self.cleanup()
+        self.cleanup()   # also on shutdown and on error: back to unconfigured
         return TransitionCallbackReturn.SUCCESS
 
-    def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
-        self.cleanup()
-        return TransitionCallbackReturn.SUCCESS
-
-    def on_error(self, state: LifecycleState) -> TransitionCallbackReturn:
-        self.cleanup()   # back to unconfigured
-        return TransitionCallbackReturn.SUCCESS
+    on_shutdown = on_error = on_cleanup
 
 
 def main(args: list[str] | None = None) -> int:

@@ -13,12 +13,11 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Ellipse
 from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
-from .metrics import CHI2_2DOF_95, nees
+from .metrics import CHI2_2DOF_95, RADII_M, nees
 from .replay import STAGES, ReplayReport, row_covariance
 
 ERROR_COLOURS_M = (1.0, 50.0)   # the trajectory's log colour scale: errors outside are clipped to its ends
 ERROR_FLOOR_M = 0.1             # errors below are drawn here on the log axes
-RADII_M = (5.0, 10.0, 25.0)     # the report's within_* radii
 ELLIPSE_SAMPLE = 20             # frames whose 95 % ellipse is drawn
 LATENCY_FLOOR_MS = 0.01         # latencies below are counted here on the log axis
 DPI = 100

@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from .geo import UtmZone, heading_to_yaw, utm_to_latlon
+from .geo import UtmZone, body_to_grid, utm_to_latlon
 from .localizer import Localization
 from .metrics import CHI2_2DOF_95
 
@@ -117,11 +117,9 @@ def body_velocity_to_map(forward: float, left: float, covariance, heading_deg: f
     Odometry twist) as the filter takes it, in the map's grid (x east, y north), for a vehicle whose grid heading
     is `heading_deg` (compass degrees) known to `heading_variance` deg^2: rotated by the heading, whose uncertainty
     adds variance across the direction of travel (first order)."""
-    yaw = float(heading_to_yaw(heading_deg))
-    c, s = math.cos(yaw), math.sin(yaw)
-    rotation = np.array([[c, -s], [s, c]])
+    rotation = body_to_grid(heading_deg)
     body = np.array([forward, left], dtype=np.float64)
-    across = np.array([[-s, -c], [c, -s]]) @ body                          # d(rotation @ body) / d(yaw)
+    across = np.array([[0.0, -1.0], [1.0, 0.0]]) @ rotation @ body          # d(rotation @ body) / d(yaw)
     covariance = rotation @ np.asarray(covariance, dtype=np.float64) @ rotation.T
     return rotation @ body, covariance + math.radians(math.sqrt(heading_variance)) ** 2 * np.outer(across, across)
 
